@@ -1,0 +1,278 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML, with `key=value` overrides.
+
+Every field has a default, so a YAML file only names what differs. Unknown keys,
+wrong types and out-of-range values raise `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metassl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where episodes come from."""
+
+    dataset: str = "digits"  # digits | sinusoid | omniglot | omniglot:PATH | imagefolder:PATH
+    root: str | None = None  # dataset folder (omniglot); None: $METASSL_DATA or download
+    protocol: str = "supervised"  # omniglot: supervised (rotations as classes) | unsupervised
+    image_size: int = 28  # images are resized to image_size x image_size
+    channels: int = 1  # imagefolder: 1 (grey) or 3 (RGB)
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """Shape of the training episodes."""
+
+    n_way: int = 5  # classes per episode (ignored by sinusoid)
+    k_shot: int = 1  # support examples per class (sinusoid: support points)
+    n_query: int = 15  # query examples per class (sinusoid: query points)
+    meta_batch: int = 4  # episodes per outer step
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone."""
+
+    backbone: str = "conv4"  # conv4 | mlp
+    hidden: int = 64  # Conv-4 channels
+    norm: str = "layer"  # layer | group | batch | batch_transductive | none
+    mlp_hidden: tuple[int, ...] = (40, 40)  # MLP hidden widths
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Meta-learner and its inner loop."""
+
+    name: str = "protonet"  # maml | fomaml | reptile | protonet | matchingnet
+    inner_lr: float = 0.4  # inner-loop SGD step size (MAML, Reptile)
+    inner_steps: int = 1  # inner steps during meta-training
+    eval_inner_steps: int = 3  # inner steps at evaluation
+    first_order: bool = False  # MAML without second-order terms (implied by fomaml)
+    vectorize: bool = False  # MAML: vmap over the tasks of a meta-batch instead of a loop
+    matching_scale: float = 1.0  # Matching Nets: cosine similarities are multiplied by this
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Outer-loop optimiser."""
+
+    optimizer: str = "adam"  # adam | sgd
+    outer_lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = None  # clip the meta-gradient's global norm
+    schedule: str = "constant"  # constant | cosine (decays to 0 over train.steps)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length of the run, logging, validation and checkpoints."""
+
+    steps: int = 1000  # outer steps
+    log_every: int = 50  # console and TensorBoard train scalars
+    val_every: int = 250  # meta-validation every this many steps (0: only at the end)
+    val_episodes: int = 200  # episodes per meta-validation
+    checkpoint_every: int = 250  # save a checkpoint every this many steps
+    keep_checkpoints: int = 3  # keep the last k step checkpoints (plus best.pt)
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    max_minutes: float = 0.0  # stop early (then validate, save, evaluate) after this wall time; 0: no limit
+    pretrain_baseline_steps: int = 5000  # sinusoid: steps of the pretrained-on-all-tasks baseline
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation after training (None: use the training episode shape)."""
+
+    split: str = "test"
+    n_way: int | None = None
+    k_shot: int | None = None
+    n_query: int | None = None
+    episodes: int = 1000
+    seed: int = 0
+    inner_steps: int | None = None  # None: learner.eval_inner_steps
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment; `config.yaml` in a run directory is this, resolved."""
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _validate(self)
+
+
+CHOICES = {
+    "model.backbone": ("conv4", "mlp"),
+    "model.norm": ("layer", "group", "batch", "batch_transductive", "none"),
+    "learner.name": ("maml", "fomaml", "reptile", "protonet", "matchingnet"),
+    "optim.optimizer": ("adam", "sgd"),
+    "optim.schedule": ("constant", "cosine"),
+    "data.protocol": ("supervised", "unsupervised"),
+    "eval.split": ("train", "val", "test"),
+}
+POSITIVE = [
+    "learner.inner_lr", "optim.outer_lr", "episodes.k_shot", "episodes.n_query", "episodes.meta_batch",
+    "train.steps", "train.log_every", "train.val_episodes", "train.checkpoint_every",
+    "train.keep_checkpoints", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
+]
+NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
+                "train.threads", "train.pretrain_baseline_steps", "train.max_minutes"]
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _validate(cfg: Config) -> None:
+    for key, valid in CHOICES.items():
+        if _get(cfg, key) not in valid:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(valid)}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    if cfg.episodes.n_way < 2:
+        raise ConfigError(f"episodes.n_way={cfg.episodes.n_way} must be >= 2")
+    for key in ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.inner_steps"):
+        value = _get(cfg, key)
+        if value is not None and value < (2 if key == "eval.n_way" else 0 if key == "eval.inner_steps" else 1):
+            raise ConfigError(f"{key}={value} is out of range")
+    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be > 0 or null")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels} must be 1 or 3")
+    regression = cfg.data.dataset == "sinusoid"
+    if regression != (cfg.model.backbone == "mlp"):
+        raise ConfigError(
+            f"data.dataset={cfg.data.dataset!r} needs model.backbone="
+            f"{'mlp' if regression else 'conv4'!r}, got {cfg.model.backbone!r}")
+    if regression and cfg.learner.name not in ("maml", "fomaml", "reptile"):
+        raise ConfigError(f"learner.name={cfg.learner.name!r} classifies; sinusoid regression needs "
+                          "maml, fomaml or reptile")
+
+
+# --- loading -------------------------------------------------------------------------
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting YAML lists to tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}={value!r} must be of type {tp.__name__}")
+    return value
+
+
+def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from a nested dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"in '{prefix}' " if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(value or {}, tp, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Return the config as plain nested dicts and lists (YAML- and JSON-safe)."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+    return {f.name: ({k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+                     if dataclasses.is_dataclass(getattr(cfg, f.name)) else getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)}
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return `data` with each `section.key=value` override set (values parsed as YAML)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. learner.inner_lr=0.1")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,86 @@
+"""The functional core: a model's parameters live in a dict, adaptation returns a new dict.
+
+Nothing here mutates the `nn.Module`; it is only ever run with
+`torch.func.functional_call(model, (params, buffers), x)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class MetaOutput:
+    """What a meta-learner returns for one meta-batch.
+
+    `loss` is the scalar outer loss. When `grads` is None the outer gradient is
+    `d loss / d params`; when set (Reptile) it is the pseudo-gradient itself and
+    `loss` is only reported. `metrics` holds plain floats for logging.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    grads: Params | None = None
+
+
+def forward(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+    """Run `model` on `x` with the given parameters and buffers."""
+    return functional_call(model, (params, buffers), (x,))
+
+
+def task_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for integer labels, mean squared error for float targets."""
+    if target.dtype.is_floating_point:
+        return F.mse_loss(output, target)
+    return F.cross_entropy(output, target)
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows of `logits` whose argmax equals `target`."""
+    return (logits.argmax(dim=-1) == target).float().mean()
+
+
+def sgd_step(params: Params, grads: Params | tuple, lr: float | Params) -> Params:
+    """Return `{k: p - lr_k * g_k}`; `lr` is one float or a per-parameter dict (Meta-SGD)."""
+    names = list(params)
+    grad_list = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    out = {}
+    for name, g in zip(names, grad_list):
+        step = lr[name] if isinstance(lr, dict) else lr
+        out[name] = params[name] - step * g
+    return out
+
+
+def adapt(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    inner_lr: float | Params,
+    steps: int,
+    first_order: bool = False,
+) -> Params:
+    """Return the parameters after `steps` SGD steps on the loss of `(x, y)`.
+
+    With `first_order=False` the graph through each step is kept (`create_graph`),
+    so the result stays differentiable w.r.t. `params` to second order. With
+    `first_order=True` the inner gradients are treated as constants.
+    """
+    for _ in range(steps):
+        loss = task_loss(forward(model, params, buffers, x), y)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
+        params = sgd_step(params, grads, inner_lr)
+    return params
+
+
+def detached(params: Params, requires_grad: bool = True) -> Params:
+    """Return leaf copies of `params` (for evaluation or first-order inner loops)."""
+    return {k: v.detach().clone().requires_grad_(requires_grad) for k, v in params.items()}

@@ -1,0 +1,45 @@
+"""Prototypical Networks (Snell et al. 2017)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metassl.data.episodes import Episode
+from metassl.meta.functional import MetaOutput, Params
+from metassl.meta.metric import batched_labels, embed_episodes, metric_metrics, one_hot
+
+
+def prototypes(support: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
+    """Class means `[T, n_way, D]` of support embeddings `[T, S, D]` with labels `[T, S]`."""
+    onehot = one_hot(support_y)                          # [T, S, N]
+    return onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)
+
+
+def squared_distances(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances `[T, Q, N]` between queries `[T, Q, D]` and prototypes `[T, N, D]`."""
+    return (query.unsqueeze(2) - protos.unsqueeze(1)).pow(2).sum(-1)
+
+
+class ProtoNet:
+    """Classify each query by softmax over negative squared distances to class prototypes."""
+
+    needs_head = False
+
+    def logits(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> torch.Tensor:
+        """Return `-distance` logits `[T, Q, n_way]` for a batch of episodes."""
+        support, query = embed_episodes(model, params, buffers, batch)
+        return -squared_distances(query, prototypes(support, batched_labels(batch.support_y)))
+
+    def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
+        """Return the mean query cross-entropy over the meta-batch."""
+        logits = self.logits(model, params, buffers, batch)
+        query_y = batched_labels(batch.query_y)
+        loss = F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
+        return MetaOutput(loss, metric_metrics(loss, logits, query_y))
+
+    def predict(self, model: nn.Module, params: Params, buffers: Params, episode: Episode,
+                inner_steps: int | None = None) -> torch.Tensor:
+        """Return query logits `[Q, n_way]` for one episode (`inner_steps` is unused)."""
+        with torch.no_grad():
+            return self.logits(model, params, buffers, episode)[0]

@@ -1,0 +1,119 @@
+"""Conv-4 and MLP backbones.
+
+Both are plain `nn.Module`s; meta-learners never mutate them but run them with
+`torch.func.functional_call` on a dict of parameters.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from metassl.errors import ConfigError
+
+# Normalisation layers a Conv-4 block can use, and whether each is transductive at
+# test time (statistics computed over the query batch) -- the protocol asks results
+# to say which.
+NORMS = {
+    "layer": "per-sample (GroupNorm with one group), no running statistics",
+    "group": "per-sample GroupNorm with 8 groups, no running statistics",
+    "batch": "BatchNorm with running statistics (eval mode uses them: non-transductive)",
+    "batch_transductive": "BatchNorm without running statistics (batch statistics, also at test time)",
+    "none": "no normalisation",
+}
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
+    if norm == "group":
+        return nn.GroupNorm(8, channels)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels, track_running_stats=True)
+    if norm == "batch_transductive":
+        return nn.BatchNorm2d(channels, track_running_stats=False)
+    if norm == "none":
+        return nn.Identity()
+    raise ConfigError(f"model.norm={norm!r} is not one of {sorted(NORMS)}")
+
+
+def is_transductive(norm: str) -> bool:
+    """True when the model normalises with statistics of the batch it is run on, also at test time."""
+    return norm == "batch_transductive"
+
+
+class Conv4(nn.Module):
+    """Conv-4: 4 x [3x3 conv `hidden`, norm, ReLU, 2x2 max-pool], then flatten.
+
+    Input `[batch, in_channels, H, W]`; output `[batch, out_features]` when
+    `out_features` is set (a linear classifier head, as MAML uses), else the flat
+    embedding `[batch, hidden * (H // 16) * (W // 16)]` (ProtoNets, Matching Nets).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden: int = 64,
+        norm: str = "layer",
+        out_features: int | None = None,
+        image_size: int = 28,
+    ):
+        super().__init__()
+        if image_size < 16:
+            raise ConfigError(f"data.image_size={image_size}: Conv-4 pools four times and needs at least 16")
+        blocks = []
+        channels = in_channels
+        for _ in range(4):
+            blocks += [
+                nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
+                _norm_layer(norm, hidden),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            channels = hidden
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        self.embedding_dim = hidden * side * side
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
+
+    def forward(self, x):
+        z = self.features(x)
+        return self.head(z) if self.head is not None else z
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network `in_features -> hidden... -> out_features` (MAML's sinusoid net is 1-40-40-1)."""
+
+    def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, out_features))
+        self.net = nn.Sequential(*layers)
+        self.embedding_dim = out_features
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_model(
+    backbone: str,
+    *,
+    out_features: int | None,
+    in_channels: int = 1,
+    hidden: int = 64,
+    norm: str = "layer",
+    image_size: int = 28,
+    mlp_hidden: Sequence[int] = (40, 40),
+) -> nn.Module:
+    """Return a fresh backbone by name (`conv4` or `mlp`)."""
+    if backbone == "conv4":
+        return Conv4(in_channels, hidden, norm, out_features, image_size)
+    if backbone == "mlp":
+        return MLP(1, tuple(mlp_hidden), out_features or 1)
+    raise ConfigError(f"model.backbone={backbone!r} is not one of ['conv4', 'mlp']")
