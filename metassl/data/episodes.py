@@ -1,0 +1,184 @@
+"""Few-shot episodes: the `Episode` type, labelled splits, and the seeded N-way K-shot sampler.
+
+An episode (a "task") has a support set, from which a learner adapts, and a query set, on
+which the adapted learner is scored. `EpisodeSampler` draws classification episodes from a
+`FewShotSplit`; episode `i` depends only on `(seed, i)`, so the same seed gives the same
+evaluation episodes to every method and run, in any order and on any worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from metassl.errors import DataError
+
+
+@dataclass(frozen=True, eq=False)
+class Episode:
+    """One few-shot task, or a batch of tasks when `batched` (every tensor then has a leading
+    [tasks] dimension).
+
+    Classification (from `EpisodeSampler`), for N = n_way, K = k_shot, Q = n_query:
+        support_x: [N*K, C, H, W] float32; support_y: [N*K] int64 labels 0..N-1
+        query_x:   [N*Q, C, H, W] float32; query_y:   [N*Q] int64
+    Both sets are label-major: all examples of label 0 first, then label 1, and so on.
+    Regression (from `SinusoidTasks`): x and y are float32 [K, 1] and [Q, 1].
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    batched: bool = False
+
+    @property
+    def num_tasks(self) -> int | None:
+        """Returns the number of tasks of a batched episode, or None for a single task."""
+        return int(self.support_x.shape[0]) if self.batched else None
+
+    def to(self, device: torch.device | str) -> Episode:
+        """Returns a copy with every tensor moved to `device`."""
+        return replace(
+            self,
+            support_x=self.support_x.to(device),
+            support_y=self.support_y.to(device),
+            query_x=self.query_x.to(device),
+            query_y=self.query_y.to(device),
+        )
+
+
+def stack_episodes(episodes: Sequence[Episode]) -> Episode:
+    """Returns a batched Episode whose tensors stack `episodes` along a new leading [tasks] dim."""
+    if len(episodes) == 0:
+        raise DataError("stack_episodes needs at least one episode, got an empty sequence")
+    if any(episode.batched for episode in episodes):
+        raise DataError("stack_episodes takes single-task episodes; got one that is already batched")
+    return Episode(
+        support_x=torch.stack([e.support_x for e in episodes]),
+        support_y=torch.stack([e.support_y for e in episodes]),
+        query_x=torch.stack([e.query_x for e in episodes]),
+        query_y=torch.stack([e.query_y for e in episodes]),
+        batched=True,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class FewShotSplit:
+    """Labelled images of one split.
+
+    x: [N, C, H, W] float32 in [0, 1]; y: [N] int64 in 0..num_classes-1, where class `c` is
+    named `class_names[c]`. `name` says where the split came from, e.g.
+    "omniglot/supervised/train"; error messages quote it.
+    """
+
+    x: torch.Tensor = field(repr=False)
+    y: torch.Tensor = field(repr=False)
+    class_names: tuple[str, ...] = field(repr=False)
+    name: str
+    # Row indices of each class, filled in by __post_init__: class_indices[c] is a 1-d int64
+    # numpy array of the rows of x whose label is c, in ascending order.
+    class_indices: tuple[np.ndarray, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.x.dtype != torch.float32:
+            raise DataError(
+                f"split {self.name!r}: x must be a float32 tensor [N, C, H, W], "
+                f"got {self.x.dtype} with shape {list(self.x.shape)}"
+            )
+        if self.y.ndim != 1 or self.y.dtype != torch.int64 or len(self.y) != len(self.x):
+            raise DataError(
+                f"split {self.name!r}: y must be an int64 tensor [N] with N = {len(self.x)} "
+                f"(the number of images), got {self.y.dtype} with shape {list(self.y.shape)}"
+            )
+        labels = self.y.numpy()
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise DataError(
+                f"split {self.name!r}: labels must lie in 0..{len(self.class_names) - 1} "
+                f"(one per class name), got {labels.min()}..{labels.max()}"
+            )
+        order = np.argsort(labels, kind="stable")
+        bounds = np.cumsum(np.bincount(labels, minlength=len(self.class_names)))[:-1]
+        groups = tuple(np.split(order, bounds)) if self.class_names else ()
+        object.__setattr__(self, "class_indices", groups)
+
+    @property
+    def num_classes(self) -> int:
+        """Returns the number of classes."""
+        return len(self.class_names)
+
+    @property
+    def min_class_size(self) -> int:
+        """Returns the number of images of the smallest class (0 for a split with no classes)."""
+        return min((len(rows) for rows in self.class_indices), default=0)
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """Returns `value` as an int, or raises DataError when it is not an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class EpisodeSampler:
+    """Seeded N-way K-shot sampler over a FewShotSplit: episode i depends only on (seed, i)."""
+
+    def __init__(self, split: FewShotSplit, n_way: int, k_shot: int, n_query: int, seed: int = 0):
+        self.split = split
+        self.n_way = check_int("n_way", n_way, 2)
+        self.k_shot = check_int("k_shot", k_shot, 1)
+        self.n_query = check_int("n_query", n_query, 1)
+        self.seed = check_int("seed", seed, 0)
+        if self.n_way > split.num_classes:
+            raise DataError(
+                f"n_way={self.n_way} but split {split.name!r} has only {split.num_classes} "
+                f"classes; use n_way <= {split.num_classes}"
+            )
+        needed = self.k_shot + self.n_query
+        sizes = [len(rows) for rows in split.class_indices]
+        smallest = int(np.argmin(sizes))
+        if sizes[smallest] < needed:
+            raise DataError(
+                f"k_shot + n_query = {self.k_shot} + {self.n_query} = {needed} images per class, "
+                f"but class {split.class_names[smallest]!r} of split {split.name!r} has only "
+                f"{sizes[smallest]}; use k_shot + n_query <= {sizes[smallest]}"
+            )
+
+    def episode_indices(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns (classes [n_way], support rows [n_way*k_shot], query rows [n_way*n_query]).
+
+        `classes[j]` is the split's class that gets episode label j; the rows index the split's
+        x and y, label-major. Draws come from np.random.default_rng([seed, index]).
+        """
+        index = check_int("episode index", index, 0)
+        rng = np.random.default_rng([self.seed, index])
+        # choice without replacement returns the classes in random order, so episode label j
+        # is a uniformly random class.
+        classes = rng.choice(self.split.num_classes, size=self.n_way, replace=False)
+        support, query = [], []
+        for c in classes:
+            rows = self.split.class_indices[c]
+            picked = rows[rng.choice(len(rows), size=self.k_shot + self.n_query, replace=False)]
+            support.append(picked[: self.k_shot])
+            query.append(picked[self.k_shot :])
+        return classes, np.concatenate(support), np.concatenate(query)
+
+    def episode(self, index: int) -> Episode:
+        """Returns episode `index`: tensors as documented on Episode, labels 0..n_way-1."""
+        _, support, query = self.episode_indices(index)
+        x = self.split.x
+        return Episode(
+            support_x=x[torch.from_numpy(support)],
+            support_y=torch.arange(self.n_way).repeat_interleave(self.k_shot),
+            query_x=x[torch.from_numpy(query)],
+            query_y=torch.arange(self.n_way).repeat_interleave(self.n_query),
+        )
+
+    def batch(self, start: int, count: int) -> Episode:
+        """Returns episodes start..start+count-1 stacked: x [count, n_way*k, C, H, W], y [count, n_way*k]."""
+        start = check_int("start", start, 0)
+        count = check_int("count", count, 1)
+        return stack_episodes([self.episode(i) for i in range(start, start + count)])

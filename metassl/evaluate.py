@@ -1,0 +1,170 @@
+"""Held-out evaluation: N-way K-shot accuracy (or regression MSE), mean +- 95% CI over fixed-seed episodes."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metassl.config import Config
+from metassl.errors import DataError
+from metassl.meta.functional import Params, adapt, detached, forward
+from metassl.models import is_transductive
+
+
+@dataclass
+class EvalResult:
+    """One evaluation, as printed by `metassl eval` and stored in `result.json`."""
+
+    metric: str  # "accuracy" (fraction) or "mse"
+    mean: float
+    ci95: float  # 1.96 * std / sqrt(episodes)
+    episodes: int
+    protocol: dict = field(default_factory=dict)  # dataset, split, n_way, k_shot, n_query, seed, ...
+    extra: dict = field(default_factory=dict)  # e.g. MSE at other step counts, baseline
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        p = self.protocol
+        if self.metric == "accuracy":
+            head = (f"{p.get('dataset')} {p.get('split')} {p.get('n_way')}-way {p.get('k_shot')}-shot: "
+                    f"accuracy {100 * self.mean:.2f} +- {100 * self.ci95:.2f}%")
+        else:
+            head = f"{p.get('dataset')} {p.get('split')} {p.get('k_shot')}-shot: MSE {self.mean:.4f} +- {self.ci95:.4f}"
+        lines = [f"{head} ({self.episodes} episodes, seed {p.get('seed')}, norm {p.get('norm_mode')})"]
+        for k, v in self.extra.items():
+            lines.append(f"  {k}: {v:.4f} " if isinstance(v, float) else f"  {k}: {v}")
+        return "\n".join(lines)
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Return `(mean, 1.96 * std / sqrt(n))` of a 1-d sequence (sample std)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def episode_accuracies(learner, model: nn.Module, params: Params, buffers: Params, sampler,
+                       episodes: int, inner_steps: int | None = None) -> np.ndarray:
+    """Return the query accuracy of each of episodes `0..episodes-1` of `sampler`."""
+    was_training = model.training
+    model.eval()
+    try:
+        accs = np.empty(episodes)
+        for i in range(episodes):
+            ep = sampler.episode(i)
+            out = learner.predict(model, params, buffers, ep, inner_steps)
+            accs[i] = float((out.argmax(-1) == ep.query_y).float().mean())
+        return accs
+    finally:
+        model.train(was_training)
+
+
+def episode_mse(model: nn.Module, params: Params, buffers: Params, tasks, episodes: int,
+                inner_lr: float, steps: int) -> np.ndarray:
+    """Return each task's query MSE after `steps` SGD steps on its support set (sinusoid)."""
+    errs = np.empty(episodes)
+    for i in range(episodes):
+        ep = tasks.episode(i)
+        with torch.enable_grad():
+            adapted = adapt(model, detached(params), buffers, ep.support_x, ep.support_y,
+                            inner_lr=inner_lr, steps=steps, first_order=True)
+        with torch.no_grad():
+            errs[i] = float(F.mse_loss(forward(model, adapted, buffers, ep.query_x), ep.query_y))
+    return errs
+
+
+def pretrain_on_all_tasks(model: nn.Module, init: Params, buffers: Params, tasks, steps: int,
+                          batch_tasks: int, lr: float = 1e-3) -> Params:
+    """Return parameters fitted from `init` to the pooled points of many tasks at once.
+
+    This is the baseline MAML is compared with on sinusoids: one network trained
+    on all tasks together (it learns roughly the mean function), then fine-tuned
+    on each test task's support set like the meta-learned one.
+    """
+    params = detached(init)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    for step in range(steps):
+        ep = tasks.batch(step * batch_tasks, batch_tasks)
+        x = torch.cat([ep.support_x, ep.query_x], 1).flatten(0, 1)
+        y = torch.cat([ep.support_y, ep.query_y], 1).flatten(0, 1)
+        loss = F.mse_loss(forward(model, params, buffers, x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in params.items()}
+
+
+def protocol_of(cfg: Config, *, dataset: str, split: str, n_way: int, k_shot: int, n_query: int,
+                seed: int, inner_steps: int | None) -> dict:
+    """The fields that say how a number was measured."""
+    return {
+        "dataset": dataset, "protocol": cfg.data.protocol if dataset.startswith("omniglot") else None,
+        "split": split, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "seed": seed,
+        "learner": cfg.learner.name, "inner_steps": inner_steps, "norm": cfg.model.norm,
+        "norm_mode": "transductive" if is_transductive(cfg.model.norm) else "non-transductive",
+    }
+
+
+def eval_shape(cfg: Config) -> tuple[int, int, int]:
+    """`(n_way, k_shot, n_query)` of evaluation episodes: `cfg.eval`'s, else the training ones."""
+    return (cfg.eval.n_way or cfg.episodes.n_way, cfg.eval.k_shot or cfg.episodes.k_shot,
+            cfg.eval.n_query or cfg.episodes.n_query)
+
+
+def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffers: Params, *,
+                   split: str, episodes: int, seed: int, n_way: int | None = None,
+                   k_shot: int | None = None, n_query: int | None = None, inner_steps: int | None = None,
+                   dataset: str | None = None, root: str | None = None, baseline: bool = True,
+                   sampler=None) -> EvalResult:
+    """Evaluate a model on `episodes` fixed-seed episodes of `split` and return mean +- 95% CI.
+
+    Classification: query accuracy. Sinusoid: query MSE after `inner_steps` (default
+    10) and after 1 step, beside the pretrained-on-all-tasks baseline when `baseline`.
+    Pass `sampler` to reuse an episode source built with the same settings.
+    """
+    from metassl.registry import build_backbone, build_sampler, is_regression
+
+    default_way, default_shot, default_query = eval_shape(cfg)
+    n_way, k_shot, n_query = n_way or default_way, k_shot or default_shot, n_query or default_query
+    dataset = dataset or cfg.data.dataset
+    if sampler is None:
+        sampler = build_sampler(cfg, split, n_way=n_way, k_shot=k_shot, n_query=n_query, seed=seed,
+                                dataset=dataset, root=root)
+    if not is_regression(cfg):
+        head = getattr(model, "head", None)
+        if head is not None and head.out_features != n_way:
+            raise DataError(f"n_way={n_way}: this {cfg.learner.name} model has a {head.out_features}-way "
+                            f"classifier head; evaluate it with n_way={head.out_features} or train one "
+                            f"with episodes.n_way={n_way}")
+        steps = inner_steps if inner_steps is not None else getattr(learner, "eval_inner_steps", None)
+        mean, ci = mean_ci95(episode_accuracies(learner, model, params, buffers, sampler, episodes, steps))
+        protocol = protocol_of(cfg, dataset=dataset, split=split, n_way=n_way, k_shot=k_shot,
+                               n_query=n_query, seed=seed, inner_steps=steps)
+        return EvalResult("accuracy", mean, ci, episodes, protocol)
+
+    steps = inner_steps if inner_steps is not None else 10
+    lr = cfg.learner.inner_lr
+    extra = {}
+    mean, ci = mean_ci95(episode_mse(model, params, buffers, sampler, episodes, lr, steps))
+    extra["mse_1_step"], extra["mse_1_step_ci95"] = mean_ci95(
+        episode_mse(model, params, buffers, sampler, episodes, lr, 1))
+    if baseline and cfg.train.pretrain_baseline_steps > 0:
+        base_model = build_backbone(cfg, learner)  # fresh init from cfg.seed
+        base = pretrain_on_all_tasks(
+            base_model, dict(base_model.named_parameters()), dict(base_model.named_buffers()),
+            build_sampler(cfg, "train", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.seed + 1),
+            cfg.train.pretrain_baseline_steps, cfg.episodes.meta_batch, cfg.optim.outer_lr)
+        for s in sorted({1, steps}):
+            m, c = mean_ci95(episode_mse(base_model, base, {}, sampler, episodes, lr, s))
+            extra[f"baseline_mse_{s}_step"], extra[f"baseline_mse_{s}_step_ci95"] = m, c
+        extra["baseline_over_maml"] = extra[f"baseline_mse_{steps}_step"] / mean
+    protocol = protocol_of(cfg, dataset=dataset, split=split, n_way=1, k_shot=k_shot, n_query=n_query,
+                           seed=seed, inner_steps=steps)
+    return EvalResult("mse", mean, ci, episodes, protocol, extra)

@@ -1,0 +1,26 @@
+"""Shared fixtures: the shared datasets folder and tiny configs."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """The folder with the real datasets (omniglot/, clinc150/), or None when absent."""
+    env = os.environ.get("METASSL_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for c in candidates:
+        if (c / "omniglot").is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    root = shared_data()
+    if root is None:
+        pytest.skip("shared Omniglot data not found: set METASSL_SHARED_DATA to the folder holding omniglot/")
+    return root / "omniglot"

@@ -1,0 +1,72 @@
+"""The `metassl` command line, end to end, including its errors on bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from metassl.cli import main
+
+TINY = ["--set", "model.hidden=8", "--set", "train.steps=4", "--set", "train.log_every=2",
+        "--set", "train.val_every=2", "--set", "train.val_episodes=10", "--set", "train.checkpoint_every=2",
+        "--set", "eval.episodes=20"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(run), *TINY]) == 0
+    return run
+
+
+def test_train_then_eval_json(trained_run, capsys):
+    assert main(["eval", str(trained_run), "--episodes", "30", "--k-shot", "5", "--n-query", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["metric"] == "accuracy" and out["episodes"] == 30
+    assert out["protocol"]["k_shot"] == 5 and out["protocol"]["n_way"] == 3
+    assert out["protocol"]["split"] == "test" and out["protocol"]["norm_mode"] == "non-transductive"
+    assert 0.0 <= out["mean"] <= 1.0 and out["ci95"] > 0
+
+
+def test_eval_is_deterministic(trained_run, capsys):
+    args = ["eval", str(trained_run / "checkpoints" / "best.pt"), "--episodes", "25", "--json"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+
+
+def test_console_script_prints_accuracy_with_ci(trained_run):
+    proc = subprocess.run([sys.executable, "-m", "metassl.cli", "eval", str(trained_run), "--episodes", "20"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout and "+-" in proc.stdout and "20 episodes" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "experiments/digits_protonet.yaml", "--set", "data.dataset=imagefolder:/no/such/folder"],
+     "/no/such/folder"),
+    (["train", "experiments/digits_protonet.yaml", "--set", "episodes.n_way=5"], "n_way=5"),
+    (["train", "experiments/digits_protonet.yaml", "--set", "episodes.k_shot=150", "--set", "episodes.n_query=50"],
+     "k_shot + n_query"),
+    (["train", "experiments/digits_protonet.yaml", "--set", "learner.name=snail"], "learner.name='snail'"),
+    (["train", "missing.yaml"], "missing.yaml"),
+    (["train", "experiments/digits_protonet.yaml", "--set", "data.dataset=omniglot:/no/omniglot"], "/no/omniglot"),
+])
+def test_bad_input_gives_clear_error_and_exit_2(args, message, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main([*args, "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+    assert not run_dir.exists()  # nothing was written for a run that could not start
+
+
+def test_eval_errors(trained_run, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 64)
+    assert main(["eval", str(corrupt)]) == 2
+    assert "corrupt.pt" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert main(["eval", str(trained_run), "--n-way", "9"]) == 2
+    assert "n_way=9" in capsys.readouterr().err

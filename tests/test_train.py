@@ -1,0 +1,101 @@
+"""In-process meta-training: determinism, resume, checkpoints, results."""
+import json
+
+import pytest
+import torch
+
+from metassl import checkpoint, config
+from metassl.errors import CheckpointError, ConfigError
+from metassl.train import load_trained, run_local
+
+TINY = ["model.hidden=8", "episodes.meta_batch=2", "train.log_every=1", "train.val_every=5",
+        "train.val_episodes=10", "train.checkpoint_every=5", "eval.episodes=20"]
+
+
+def tiny(*overrides, steps=10):
+    return config.load("experiments/digits_protonet.yaml", TINY + [f"train.steps={steps}", *overrides])
+
+
+def _quiet(*_):
+    pass
+
+
+def test_same_seed_gives_identical_losses(tmp_path):
+    a = run_local(tiny(), tmp_path / "a", log=_quiet)
+    b = run_local(tiny(), tmp_path / "b", log=_quiet)
+    assert a["loss_history"] == b["loss_history"]
+    assert len(a["loss_history"]) == 10
+    c = run_local(tiny("seed=1"), tmp_path / "c", log=_quiet)
+    assert c["loss_history"] != a["loss_history"]
+
+
+def test_run_directory_contents(tmp_path):
+    result = run_local(tiny(), tmp_path, log=_quiet)
+    assert (tmp_path / "config.yaml").is_file()
+    assert config.load(tmp_path / "config.yaml") == tiny()
+    assert checkpoint.best_path(tmp_path).is_file()
+    assert list((tmp_path / "tensorboard").iterdir())
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["test"]["metric"] == "accuracy" and saved["test"]["episodes"] == 20
+    assert 0 <= saved["test"]["mean"] <= 1 and saved["test"]["protocol"]["split"] == "test"
+    assert saved == json.loads(json.dumps(result))
+
+
+def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    run_local(tiny(steps=10), tmp_path / "whole", log=_quiet)
+    run_local(tiny(steps=5), tmp_path / "split", log=_quiet)
+    lines = []
+    run_local(tiny(steps=10), tmp_path / "split", log=lines.append)
+    assert any("resuming" in line and "step 5" in line for line in lines)
+    a = checkpoint.load(checkpoint.step_path(tmp_path / "whole", 10))
+    b = checkpoint.load(checkpoint.step_path(tmp_path / "split", 10))
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+def test_resume_refuses_a_different_experiment_and_keeps_the_old_config(tmp_path):
+    run_local(tiny(steps=5), tmp_path, log=_quiet)
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="optim.outer_lr"):
+        run_local(tiny("optim.outer_lr=0.01", steps=5), tmp_path, log=_quiet)
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
+def test_checkpoints_are_pruned_and_load_without_code(tmp_path):
+    run_local(tiny("train.keep_checkpoints=2", steps=20), tmp_path, log=_quiet)
+    kept = checkpoint.step_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["step_0000015.pt", "step_0000020.pt"]
+    state = torch.load(kept[-1], weights_only=True)
+    assert state["step"] == 20
+    cfg, learner, model, params, buffers, _ = load_trained(tmp_path)
+    assert cfg == tiny("train.keep_checkpoints=2", steps=20)
+
+
+def test_corrupt_checkpoint_is_reported_with_its_name(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        checkpoint.load(bad)
+    run_local(tiny(steps=5), tmp_path / "run", log=_quiet)
+    best = checkpoint.best_path(tmp_path / "run")
+    best.write_bytes(best.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="best.pt"):
+        load_trained(tmp_path / "run")
+
+
+def test_sinusoid_maml_beats_pretrained_baseline_on_a_small_budget(tmp_path):
+    cfg = config.load("experiments/sinusoid_maml.yaml", [
+        "train.steps=300", "train.log_every=100", "train.val_every=0", "train.checkpoint_every=300",
+        "train.val_episodes=20", "train.pretrain_baseline_steps=300", "eval.episodes=50"])
+    result = run_local(cfg, tmp_path, log=_quiet)
+    test = result["test"]
+    assert test["metric"] == "mse"
+    assert test["mean"] < test["extra"]["mse_1_step"]  # ten steps help more than one
+    assert test["extra"]["baseline_mse_10_step"] > test["mean"]
+
+
+@pytest.mark.parametrize("learner", ["maml", "fomaml", "reptile", "matchingnet"])
+def test_each_learner_trains_on_digits(tmp_path, learner):
+    extra = ["learner.inner_steps=1", "learner.eval_inner_steps=1", "model.norm=layer"]
+    result = run_local(tiny(f"learner.name={learner}", *extra, steps=3), tmp_path, log=_quiet)
+    assert result["steps"] == 3 and 0 <= result["test"]["mean"] <= 1
