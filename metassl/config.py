@@ -88,6 +88,40 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Random view of an image: affine warp, optional elastic warp, noise and erasing (batched in torch)."""
+
+    rotation_deg: float = 15.0  # rotation drawn from U[-r, r] degrees
+    translate: float = 0.1  # shift drawn from U[-t, t] of the image size, per axis
+    scale_min: float = 0.8  # zoom drawn from U[scale_min, scale_max]
+    scale_max: float = 1.2
+    shear_deg: float = 10.0  # shear drawn from U[-s, s] degrees
+    elastic_alpha: float = 0.0  # elastic displacement strength in pixels (0: off)
+    elastic_sigma: float = 3.0  # smoothness of the elastic field in pixels
+    noise_std: float = 0.0  # Gaussian pixel noise
+    erase_prob: float = 0.0  # probability of erasing one random rectangle
+    erase_max_frac: float = 0.25  # largest erased area as a fraction of the image
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Where training episodes come from when labels are not used."""
+
+    kind: str = "labelled"  # labelled (sampler over true classes) | augment (UMTRA) | cluster (CACTUs)
+    actors: int = 0  # Ray generator actors (0: the CPUs left after training workers, at least 1)
+    max_in_flight: int = 8  # episode batches requested but not yet consumed (backpressure)
+    episodes_per_task: int = 4  # episodes one actor call makes
+    clusters: int = 200  # cluster: k of k-means
+    partitions: int = 5  # cluster: k-means runs with different seeds (P partitions)
+    encoder: str = "pca"  # cluster: pca (fixed, on pixels) | model (the network being meta-trained)
+    embedding_dim: int = 64  # cluster: PCA components
+    refresh_every: int = 0  # cluster with encoder=model: publish new encoder weights every M steps (0: never)
+    ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
+    shards: str | None = None  # train on episodes written by `metassl generate` (path or URI) instead
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation after training (None: use the training episode shape)."""
 
@@ -110,6 +144,7 @@ class Config:
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -126,19 +161,26 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "data.protocol": ("supervised", "unsupervised"),
     "eval.split": ("train", "val", "test"),
+    "generator.kind": ("labelled", "augment", "cluster"),
+    "generator.encoder": ("pca", "model"),
 }
 POSITIVE = [
     "learner.inner_lr", "optim.outer_lr", "episodes.k_shot", "episodes.n_query", "episodes.meta_batch",
     "train.steps", "train.log_every", "train.val_episodes", "train.checkpoint_every",
     "train.keep_checkpoints", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
+    "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
+    "generator.embedding_dim",
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
-                "train.threads", "train.pretrain_baseline_steps", "train.max_minutes"]
+                "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
+                "generator.actors", "generator.refresh_every"]
 
 
 def _get(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _validate(cfg: Config) -> None:
@@ -161,6 +203,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be > 0 or null")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"data.channels={cfg.data.channels} must be 1 or 3")
+    a = cfg.generator.augment
+    for key in ("rotation_deg", "translate", "shear_deg", "elastic_alpha", "elastic_sigma", "noise_std"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"generator.augment.{key}={getattr(a, key)} must be >= 0")
+    if not 0 < a.scale_min <= a.scale_max:
+        raise ConfigError(f"generator.augment.scale_min={a.scale_min}, scale_max={a.scale_max}: "
+                          "need 0 < scale_min <= scale_max")
+    if not 0 <= a.erase_prob <= 1 or not 0 < a.erase_max_frac <= 1:
+        raise ConfigError(f"generator.augment.erase_prob={a.erase_prob} must be in [0, 1] and "
+                          f"erase_max_frac={a.erase_max_frac} in (0, 1]")
+    if cfg.generator.kind != "labelled" and cfg.data.dataset == "sinusoid":
+        raise ConfigError(f"generator.kind={cfg.generator.kind!r} makes image episodes; sinusoid needs 'labelled'")
     regression = cfg.data.dataset == "sinusoid"
     if regression != (cfg.model.backbone == "mlp"):
         raise ConfigError(
@@ -230,10 +284,10 @@ def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
 def to_dict(cfg: Config) -> dict:
     """Return the config as plain nested dicts and lists (YAML- and JSON-safe)."""
     def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
         return list(v) if isinstance(v, tuple) else v
-    return {f.name: ({k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
-                     if dataclasses.is_dataclass(getattr(cfg, f.name)) else getattr(cfg, f.name))
-            for f in dataclasses.fields(cfg)}
+    return plain(dataclasses.asdict(cfg))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

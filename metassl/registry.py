@@ -58,3 +58,46 @@ def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: 
     data = load_split(dataset, split, root=root if root is not None else cfg.data.root,
                       protocol=cfg.data.protocol, image_size=cfg.data.image_size, channels=cfg.data.channels)
     return EpisodeSampler(data, n_way, k_shot, n_query, seed=seed)
+
+
+def load_unlabelled(cfg: Config) -> torch.Tensor:
+    """The meta-train images without their labels `[M, C, H, W]` (what generators build episodes from)."""
+    return load_split(cfg.data.dataset, "train", root=cfg.data.root, protocol=cfg.data.protocol,
+                      image_size=cfg.data.image_size, channels=cfg.data.channels).x
+
+
+def build_generator(cfg: Config, images: torch.Tensor, embed=None):
+    """Return the episode generator named by `cfg.generator.kind` over unlabelled `images`."""
+    from metassl.generate.augment import AugmentEpisodes
+    from metassl.generate.cluster import ClusterEpisodes
+
+    g, ep = cfg.generator, cfg.episodes
+    seed = cfg.seed
+    if g.kind == "augment":
+        return AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment, seed=seed,
+                               ssl_views=g.ssl_views)
+    if g.kind == "cluster":
+        return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
+                               partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
+                               augment=g.augment if g.ssl_views else None, ssl_views=g.ssl_views)
+    raise ConfigError(f"generator.kind={g.kind!r} has no generator; valid: ['augment', 'cluster']")
+
+
+def model_embedder(cfg: Config, state: dict):
+    """Return `embed(x [B, C, H, W]) -> [B, D]`: the backbone's features with the weights in `state`."""
+    from metassl.meta.functional import forward
+
+    m = cfg.model
+    model = build_model(m.backbone, out_features=None, in_channels=cfg.data.channels, hidden=m.hidden,
+                        norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden).eval()
+    names = dict(model.named_parameters()) | dict(model.named_buffers())
+    weights = {k: v for k, v in state.items() if k in names}
+    missing = sorted(set(names) - set(weights))
+    if missing:
+        raise ConfigError(f"encoder weights lack {missing[:3]}... for model.backbone={m.backbone!r}")
+
+    @torch.no_grad()
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return forward(model, weights, {}, x)
+
+    return embed

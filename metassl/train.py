@@ -18,15 +18,15 @@ from metassl import checkpoint
 from metassl.config import Config, dump, from_dict, to_dict
 from metassl.errors import ConfigError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
+from metassl.generate.source import TrainingSource
 from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
 
 # Sections that may change between a run and its resume (length, logging, evaluation).
 _RESUMABLE_CHANGES = ("train", "eval")
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Create the run directory and write `config.yaml`, refusing to mix two different experiments."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Refuse (without writing anything) a run directory that holds a different experiment."""
     saved = run_dir / "config.yaml"
     if saved.is_file() and checkpoint.latest(run_dir) is not None:
         old = yaml.safe_load(saved.read_text()) or {}
@@ -37,7 +37,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         if changed:
             raise ConfigError(f"run directory {str(run_dir)!r} holds a run with a different config "
                               f"({', '.join(changed)} differ); use another --run-dir to start a new run")
-    dump(cfg, saved)
 
 
 def make_optimizer(cfg: Config, params):
@@ -60,6 +59,11 @@ def outer_gradients(out, params: dict) -> list[torch.Tensor]:
         return [out.grads[k] for k in params]
     grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
+
+
+def _weights(params: dict, buffers: dict) -> dict:
+    """Detached copies of a model's parameters and buffers (what an encoder refresh sends)."""
+    return {k: v.detach().clone() for k, v in {**params, **buffers}.items()}
 
 
 class Progress:
@@ -95,12 +99,7 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     opt, sched = make_optimizer(cfg, list(params.values()))
     ep = cfg.episodes
-    train_tasks = build_sampler(cfg, "train", n_way=ep.n_way, k_shot=ep.k_shot, n_query=ep.n_query, seed=cfg.seed)
-    # Validation uses the evaluation episode shape. Both splits load before the run
-    # directory is touched, so bad data fails without writing anything.
-    n_way, k_shot, n_query = eval_shape(cfg)
-    val_tasks = build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
-    prepare_run_dir(cfg, run_dir)
+    check_resumable(cfg, run_dir)
 
     start, best, history, losses = 0, None, [], []
     resume_from = checkpoint.latest(run_dir)
@@ -117,6 +116,16 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
         history, losses = list(state.get("val_history", [])), list(state.get("loss_history", []))
         log(f"resuming {run_dir} from {resume_from.name} (step {start})")
 
+    # Both splits load before the run directory is written, so bad data fails without
+    # leaving anything behind. Validation uses the evaluation episode shape.
+    n_way, k_shot, n_query = eval_shape(cfg)
+    val_tasks = build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
+    train_tasks = TrainingSource(cfg, start_step=start)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump(cfg, run_dir / "config.yaml")
+    refresh = cfg.generator.kind == "cluster" and cfg.generator.encoder == "model"
+    if refresh:  # the cluster generator embeds with the network being meta-trained
+        train_tasks.refresh_encoder(_weights(params, buffers), version=start)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     progress = Progress(cfg.train.steps, start, log)
     higher_is_better = not is_regression(cfg)
@@ -146,10 +155,11 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
             checkpoint.mark_best(run_dir, path)
         checkpoint.prune(run_dir, cfg.train.keep_checkpoints)
 
-    step, window_t, window_steps, val = start, time.perf_counter(), 0, None
+    step, window_t, window_steps, window_wait, val = start, time.perf_counter(), 0, 0.0, None
     while step < cfg.train.steps:
-        batch = train_tasks.batch(step * ep.meta_batch, ep.meta_batch)
-        out = learner.meta_step(model, params, buffers, batch)
+        fetched = train_tasks.batch(step)
+        window_wait += fetched.wait_s
+        out = learner.meta_step(model, params, buffers, fetched.episodes)
         grads = outer_gradients(out, params)
         for p, g in zip(params.values(), grads):
             p.grad = g
@@ -159,18 +169,25 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
         sched.step()
         step += 1
         window_steps += 1
+        if refresh and cfg.generator.refresh_every and step % cfg.generator.refresh_every == 0:
+            train_tasks.refresh_encoder(_weights(params, buffers), version=step)
         out_of_time = time.perf_counter() > deadline
         last = step == cfg.train.steps or out_of_time
         if step % cfg.train.log_every == 0 or last:
-            eps = window_steps * ep.meta_batch / max(time.perf_counter() - window_t, 1e-9)
+            window_s = max(time.perf_counter() - window_t, 1e-9)
+            eps = window_steps * ep.meta_batch / window_s
             for k, v in out.metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)
             losses.append([step, float(out.loss.detach())])
             writer.add_scalar("train/meta_loss", losses[-1][1], step)
             writer.add_scalar("perf/episodes_per_s", eps, step)
+            writer.add_scalar("perf/wait_frac", window_wait / window_s, step)
+            if fetched.records:
+                versions = fetched.encoder_versions()
+                writer.add_scalar("gen/encoder_version", max(versions), step)
             writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
             progress.line(step, out.metrics, eps, val)
-            window_t, window_steps = time.perf_counter(), 0
+            window_t, window_steps, window_wait = time.perf_counter(), 0, 0.0
         val_now = last or (cfg.train.val_every and step % cfg.train.val_every == 0)
         if val_now:
             val = validate(step)
@@ -181,6 +198,7 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
             log(f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached")
             break
     writer.flush()
+    train_tasks.close()
 
     result = final_evaluation(cfg, run_dir, learner, model, log)
     result.update({"steps": step, "best_val": best, "val_history": history, "loss_history": losses,

@@ -24,3 +24,15 @@ def omniglot_root() -> Path:
     if root is None:
         pytest.skip("shared Omniglot data not found: set METASSL_SHARED_DATA to the folder holding omniglot/")
     return root / "omniglot"
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray instance (2 CPUs) for the whole test session."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Task generation: pseudo-labelled episodes from unlabelled images, Arrow/Parquet I/O, Ray actors."""

@@ -1,0 +1,88 @@
+"""The training episode stream of a run: labelled sampler, in-process generator, Ray pool or shards."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from metassl.config import Config
+from metassl.data.episodes import Episode, stack_episodes
+from metassl.generate.record import EpisodeRecord
+
+
+@dataclass
+class TrainBatch:
+    """A meta-batch `[tasks, ...]` and, for generated episodes, their records (SSL views, encoder version)."""
+
+    episodes: Episode
+    records: list[EpisodeRecord] | None
+    wait_s: float  # time spent waiting for the episodes
+
+    def ssl_views(self) -> tuple[torch.Tensor, ...] | None:
+        """`(x1, x2, rot_x, rot_y)` concatenated over the batch's records, or None."""
+        if not self.records or self.records[0].ssl_x1 is None:
+            return None
+        return tuple(torch.cat([getattr(r, name) for r in self.records])
+                     for name in ("ssl_x1", "ssl_x2", "rot_x", "rot_y"))
+
+    def encoder_versions(self) -> list[int]:
+        return [r.encoder_version for r in self.records or []]
+
+
+class TrainingSource:
+    """Meta-batches for step `s` = episodes `[s * meta_batch, (s + 1) * meta_batch)` of the run's stream.
+
+    `generator.kind: labelled` samples true classes; `augment`/`cluster` generate
+    pseudo-labelled episodes from the unlabelled train images, in this process
+    (`generator.actors: 0`) or on Ray actors (`actors: N`); `data.shards` (when set)
+    replays episodes written by `metassl generate`.
+    """
+
+    def __init__(self, cfg: Config, start_step: int = 0):
+        from metassl.registry import build_generator, build_sampler, load_unlabelled
+
+        self.cfg, self.pool, self.generator = cfg, None, None
+        ep, g = cfg.episodes, cfg.generator
+        self.sampler = None
+        if g.shards:  # replay episodes written by `metassl generate`, wrapping around at the end
+            from metassl.generate.shards import ShardEpisodes
+            self.generator = ShardEpisodes(g.shards)
+            return
+        if g.kind == "labelled":
+            self.sampler = build_sampler(cfg, "train", n_way=ep.n_way, k_shot=ep.k_shot,
+                                         n_query=ep.n_query, seed=cfg.seed)
+            return
+        images = load_unlabelled(cfg)
+        if g.actors == 0:
+            self.generator = build_generator(cfg, images)
+        else:
+            from metassl.generate.pool import EpisodePool
+            self.pool = EpisodePool(cfg, images, actors=g.actors, start=start_step * ep.meta_batch)
+
+    def batch(self, step: int) -> TrainBatch:
+        """The meta-batch of outer step `step`."""
+        mb = self.cfg.episodes.meta_batch
+        t0 = time.perf_counter()
+        if self.sampler is not None:
+            return TrainBatch(self.sampler.batch(step * mb, mb), None, time.perf_counter() - t0)
+        if self.pool is not None:
+            records = self.pool.records(step * mb, mb)
+        else:
+            size = len(self.generator) if self.cfg.generator.shards else None
+            records = [self.generator.record(i % size if size else i) for i in range(step * mb, (step + 1) * mb)]
+        episodes = stack_episodes([r.episode for r in records])
+        return TrainBatch(episodes, records, time.perf_counter() - t0)
+
+    def refresh_encoder(self, state: dict, version: int) -> None:
+        """Hand new encoder weights to the cluster generator (self-improving loop)."""
+        from metassl.registry import model_embedder
+
+        if self.pool is not None:
+            self.pool.publish_encoder(state, version)
+        elif self.generator is not None:
+            self.generator.set_encoder(model_embedder(self.cfg, state), version)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
