@@ -1,4 +1,4 @@
-"""`metassl` command line: train | eval."""
+"""`metassl` command line: train | generate | eval."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,41 @@ def _eval(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import time
+
+    from metassl import config
+    from metassl.generate.shards import ShardWriter
+    from metassl.registry import build_generator, load_unlabelled
+
+    cfg = config.load(args.config, args.set)
+    if cfg.generator.kind == "labelled":
+        raise config.ConfigError("generator.kind='labelled' samples true classes; set generator.kind "
+                                 "to 'augment' or 'cluster' to generate episodes")
+    images = load_unlabelled(cfg)
+    if cfg.generator.actors > 0:
+        from metassl.generate.pool import EpisodePool
+        source = EpisodePool(cfg, images, actors=cfg.generator.actors, start=args.start)
+        make = source.records
+    else:
+        source = build_generator(cfg, images)
+        def make(start, count):
+            return [source.record(i) for i in range(start, start + count)]
+    t0 = time.perf_counter()
+    meta = {"config": config.to_dict(cfg), "start": args.start}
+    with ShardWriter(args.out, episodes_per_shard=args.episodes_per_shard, metadata=meta,
+                     overwrite=args.overwrite) as writer:
+        for start in range(args.start, args.start + args.episodes, args.episodes_per_shard):
+            count = min(args.episodes_per_shard, args.start + args.episodes - start)
+            writer.write(make(start, count))
+    if hasattr(source, "close"):
+        source.close()
+    seconds = time.perf_counter() - t0
+    _log(f"wrote {args.episodes} {cfg.generator.kind} episodes to {args.out} in {seconds:.1f} s "
+         f"({args.episodes / seconds:.1f} episodes/s)")
+    return 0
+
+
 def _replace_data(cfg, **changes):
     import dataclasses
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
@@ -60,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", choices=["local"], default="local", help="where to train (default local)")
     t.add_argument("--json", action="store_true", help="also print the test result as JSON")
     t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="write pseudo-labelled episodes as Parquet shards (local path or URI)")
+    g.add_argument("config", help="YAML config with a generator section (kind: augment | cluster)")
+    g.add_argument("--out", required=True, help="folder or URI (s3://bucket/prefix, gs://...) for the shards")
+    g.add_argument("--episodes", type=int, default=1000, help="episodes to write (default 1000)")
+    g.add_argument("--start", type=int, default=0, help="first episode id (default 0)")
+    g.add_argument("--episodes-per-shard", type=int, default=256)
+    g.add_argument("--overwrite", action="store_true", help="replace shards already at --out")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    g.set_defaults(func=_generate)
 
     e = sub.add_parser("eval", help="evaluate a trained model on held-out N-way K-shot episodes")
     e.add_argument("checkpoint", help="run directory (uses checkpoints/best.pt) or a .pt checkpoint")

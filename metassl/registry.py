@@ -79,7 +79,7 @@ def build_generator(cfg: Config, images: torch.Tensor, embed=None):
     if g.kind == "cluster":
         return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
                                partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
-                               augment=g.augment if g.ssl_views else None, ssl_views=g.ssl_views)
+                               augment=None, ssl_views=g.ssl_views, ssl_augment=g.augment)
     raise ConfigError(f"generator.kind={g.kind!r} has no generator; valid: ['augment', 'cluster']")
 
 

@@ -80,7 +80,7 @@ class TrainingSource:
 
         if self.pool is not None:
             self.pool.publish_encoder(state, version)
-        elif self.generator is not None:
+        elif self.generator is not None and not self.cfg.generator.shards:  # shards are fixed
             self.generator.set_encoder(model_embedder(self.cfg, state), version)
 
     def close(self) -> None:

@@ -1,0 +1,224 @@
+"""CACTUs episodes (Hsu et al. 2019): classes are k-means clusters of embedded unlabelled images.
+
+The pool is embedded (PCA of the pixels by default, or any encoder such as the network
+being meta-trained), and k-means is run P times with different seeds, giving P
+partitions of the pool into `clusters` pseudo-classes. An episode picks one partition,
+N of its clusters that have at least k_shot + n_query members, and k_shot + n_query
+distinct members of each (support and query disjoint). Images are used as they are,
+as in CACTUs, unless an AugmentConfig is given.
+
+Embeddings are clustered raw, without L2 normalisation, as in CACTUs: for PCA features the
+Euclidean geometry of the pixels is the point, and an encoder that wants cosine geometry
+can normalise its own output.
+
+The generator is self-improving when the trainer publishes new encoder weights:
+`set_encoder` / `set_embeddings` re-embed and re-cluster the pool, and later records
+carry the new `encoder_version`. Episode i depends only on (seed, i), the settings and
+the current embeddings.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits
+
+from metassl.config import AugmentConfig
+from metassl.data.episodes import Episode, check_int, stack_episodes
+from metassl.errors import DataError
+from metassl.generate.augment import check_pool, episode_seed
+from metassl.generate.record import EpisodeRecord
+from metassl.ssl import views
+
+EMBED_CHUNK = 1024  # images per call of an encoder
+KMEANS_MAX_ITER = 100  # Omniglot's 20k images converge in ~30 Lloyd iterations
+
+
+def pca_embeddings(images: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Returns float32 [M, dim]: the pool's flattened pixels projected on their top `dim` principal axes."""
+    pixels = images.flatten(1).cpu().numpy()
+    largest = min(pixels.shape)
+    if dim > largest:
+        raise DataError(f"embedding_dim={dim} but PCA of {pixels.shape[0]} images of {pixels.shape[1]} "
+                        f"pixels gives at most {largest} components; use embedding_dim <= {largest}")
+    with threadpool_limits(limits=torch.get_num_threads()):
+        features = PCA(n_components=dim, random_state=seed).fit_transform(pixels)
+    return torch.from_numpy(features.astype(np.float32))
+
+
+def embed_images(images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                 chunk: int = EMBED_CHUNK) -> torch.Tensor:
+    """Returns float32 [M, D] = `embed` applied to `images` [M, C, H, W] in chunks, without gradients."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(images), chunk):
+            part = embed(images[start : start + chunk])
+            rows = len(images[start : start + chunk])
+            if not isinstance(part, torch.Tensor) or part.ndim != 2 or len(part) != rows:
+                got = list(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+                raise DataError(f"the encoder must map images [B, C, H, W] to embeddings [B, D]; "
+                                f"for B = {rows} it returned {got}")
+            parts.append(part.detach().float().cpu())
+    return torch.cat(parts)
+
+
+def kmeans_partitions(embeddings: np.ndarray, clusters: int, partitions: int, seed: int) -> np.ndarray:
+    """Returns int64 [partitions, M]: cluster labels 0..clusters-1 of P k-means runs on `embeddings` [M, D].
+
+    Run p uses k-means++ initialisation and random_state seed * 1000 + p.
+    """
+    labels = np.empty((partitions, len(embeddings)), dtype=np.int64)
+    with threadpool_limits(limits=torch.get_num_threads()):
+        for p in range(partitions):
+            kmeans = KMeans(n_clusters=clusters, n_init=1, algorithm="lloyd", max_iter=KMEANS_MAX_ITER,
+                            random_state=seed * 1000 + p)
+            labels[p] = kmeans.fit_predict(embeddings)
+    return labels
+
+
+def eligible_clusters(labels: np.ndarray, clusters: int, min_size: int) -> list[np.ndarray]:
+    """Returns the member rows (sorted int64 arrays) of each cluster in `labels` [M] with >= min_size members."""
+    order = np.argsort(labels, kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(labels, minlength=clusters))[:-1])
+    return [rows for rows in groups if len(rows) >= min_size]
+
+
+class ClusterEpisodes:
+    """CACTUs generator over an unlabelled pool: `record(i)`, `episode(i)`, `batch(start, count)`.
+
+    `images` [M, C, H, W] float32 in [0, 1]. `embed` maps images [B, C, H, W] to [B, D];
+    None uses PCA with `embedding_dim` components on the pixels (fit on the pool). k-means
+    finds `clusters` clusters, `partitions` times. `augment` (None: raw images) draws a
+    random view of every episode image; with `ssl_views`, records also carry SimCLR views
+    and rotated copies of the episode's images (drawn with `augment`, or the AugmentConfig
+    defaults when it is None).
+    """
+
+    def __init__(self, images: torch.Tensor, n_way: int, k_shot: int, n_query: int, *,
+                 clusters: int, partitions: int, seed: int = 0,
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None, embedding_dim: int = 64,
+                 augment: AugmentConfig | None = None, ssl_views: bool = False,
+                 ssl_augment: AugmentConfig | None = None):
+        self.images = check_pool(images)
+        self.n_way = check_int("n_way", n_way, 2)
+        self.k_shot = check_int("k_shot", k_shot, 1)
+        self.n_query = check_int("n_query", n_query, 1)
+        self.clusters = check_int("clusters", clusters, 1)
+        self.partitions = check_int("partitions", partitions, 1)
+        self.seed = check_int("seed", seed, 0)
+        episode_seed(self.seed, 0)  # checks seed < 2**32
+        if not self.n_way <= self.clusters <= len(images):
+            raise DataError(f"clusters={self.clusters} must lie between n_way={self.n_way} and the "
+                            f"number of images in the pool, {len(images)}")
+        self.augment = None if augment is None else views.check_augment(augment)
+        self.ssl_views = bool(ssl_views)
+        self.ssl_augment = views.check_augment(ssl_augment or augment or AugmentConfig())
+        if embed is None:
+            dim = check_int("embedding_dim", embedding_dim, 1)
+            embeddings = pca_embeddings(self.images, dim, self.seed)
+        else:
+            embeddings = embed_images(self.images, embed)
+        self.set_embeddings(embeddings, 0)
+
+    def set_encoder(self, embed: Callable[[torch.Tensor], torch.Tensor], version: int) -> None:
+        """Re-embeds the pool with `embed` ([B, C, H, W] -> [B, D]) and re-clusters it; see set_embeddings."""
+        self.set_embeddings(embed_images(self.images, embed), version)
+
+    def set_embeddings(self, embeddings: torch.Tensor, version: int) -> None:
+        """Clusters precomputed `embeddings` [M, D] into new partitions; later records report `version`.
+
+        Raises DataError (and keeps the previous state) when the embeddings do not fit the
+        pool or a partition has fewer than n_way clusters with k_shot + n_query members.
+        """
+        version = check_int("encoder version", version, 0)
+        if (not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2
+                or len(embeddings) != len(self.images)):
+            got = list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise DataError(f"embeddings must be a tensor [M, D] with M = {len(self.images)} "
+                            f"(one row per pool image), got {got}")
+        embeddings = embeddings.detach().float().cpu()
+        if not bool(torch.isfinite(embeddings).all()):
+            raise DataError("embeddings contain NaN or infinite values; the encoder has diverged")
+        labels = kmeans_partitions(embeddings.numpy(), self.clusters, self.partitions, self.seed)
+        needed = self.k_shot + self.n_query
+        members = [eligible_clusters(row, self.clusters, needed) for row in labels]
+        for p, groups in enumerate(members):
+            if len(groups) < self.n_way:
+                raise DataError(
+                    f"k-means partition {p} with clusters={self.clusters} has only {len(groups)} clusters "
+                    f"of at least k_shot + n_query = {needed} images, but an episode needs "
+                    f"n_way={self.n_way}; use fewer clusters or a smaller k_shot + n_query"
+                )
+        self.embeddings = embeddings  # [M, D]
+        self.labels = labels  # [P, M] cluster of each image in each partition
+        self.members = members  # members[p]: rows of the eligible clusters of partition p
+        self.encoder_version = version
+
+    def _draw(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Returns (partition, clusters, support rows, query rows, seed of the view generator)."""
+        rng = np.random.default_rng([self.seed, index])
+        partition = int(rng.integers(self.partitions))
+        groups = self.members[partition]
+        chosen = rng.choice(len(groups), size=self.n_way, replace=False)
+        support, query = [], []
+        for c in chosen:
+            rows = groups[c]
+            picked = rows[rng.choice(len(rows), size=self.k_shot + self.n_query, replace=False)]
+            support.append(picked[: self.k_shot])
+            query.append(picked[self.k_shot :])
+        view_seed = int(rng.integers(2**63 - 1))
+        return partition, chosen, np.concatenate(support), np.concatenate(query), view_seed
+
+    def episode_indices(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """Returns (partition, clusters [N], support rows [N*K], query rows [N*Q]) of episode `index`.
+
+        `clusters[j]` indexes `members[partition]` and gets label j; the rows index the pool,
+        label-major (support rows j*K .. j*K + K - 1 are members of cluster j, likewise query).
+        """
+        partition, clusters, support, query, _ = self._draw(check_int("episode index", index, 0))
+        return partition, clusters, support, query
+
+    def record(self, index: int) -> EpisodeRecord:
+        """Returns episode `index` with its provenance (generator "cluster", the current encoder_version).
+
+        Support [N*K, C, H, W] and query [N*Q, C, H, W] are label-major, labels 0..N-1.
+        SSL views (when enabled) are of the N*(K+Q) episode images, support rows first.
+        """
+        index = check_int("episode index", index, 0)
+        _, _, support, query, view_seed = self._draw(index)
+        rows = torch.from_numpy(np.concatenate([support, query]))
+        source = self.images[rows]  # [N*(K+Q), C, H, W]
+        generator = torch.Generator().manual_seed(view_seed)
+        shown = source if self.augment is None else views.random_views(source, self.augment, generator)
+        episode = Episode(
+            support_x=shown[: len(support)],
+            support_y=torch.arange(self.n_way).repeat_interleave(self.k_shot),
+            query_x=shown[len(support) :],
+            query_y=torch.arange(self.n_way).repeat_interleave(self.n_query),
+        )
+        ssl = (views.ssl_views(source, self.ssl_augment, generator)
+               if self.ssl_views else (None,) * 4)
+        return EpisodeRecord(
+            episode_id=index,
+            generator="cluster",
+            seed=episode_seed(self.seed, index),
+            episode=episode,
+            encoder_version=self.encoder_version,
+            ssl_x1=ssl[0],
+            ssl_x2=ssl[1],
+            rot_x=ssl[2],
+            rot_y=ssl[3],
+        )
+
+    def episode(self, index: int) -> Episode:
+        """Returns episode `index` (the `episode` of `record(index)`)."""
+        return self.record(index).episode
+
+    def batch(self, start: int, count: int) -> Episode:
+        """Returns episodes start..start+count-1 stacked: x [count, N*K, C, H, W], y [count, N*K]."""
+        start = check_int("start", start, 0)
+        count = check_int("count", count, 1)
+        return stack_episodes([self.episode(i) for i in range(start, start + count)])

@@ -1,0 +1,156 @@
+"""A pool of Ray actors that make episodes in parallel and deliver them in id order.
+
+Episode `i` depends only on the run seed and `i` (and, for the cluster generator,
+the encoder version), so it is the same whichever actor makes it. The pool asks
+for chunks of `chunk` consecutive episodes; at most `max_in_flight` chunks are
+requested and not yet consumed (backpressure: a consumer that stops reading stops
+generation, so memory stays bounded). When an actor dies, Ray restarts it
+(`max_restarts=-1`) and the pool asks it again for every chunk it had not
+delivered, so no episode id is lost or delivered twice.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pyarrow as pa
+import ray
+import torch
+
+from metassl.config import Config, from_dict, to_dict
+from metassl.data.episodes import Episode, stack_episodes
+from metassl.errors import DataError
+from metassl.generate.record import EpisodeRecord
+from metassl.generate.schema import from_record_batch, to_record_batch
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class GeneratorActor:
+    """Holds one episode generator; makes chunks of episodes as Arrow record batches."""
+
+    def __init__(self, config: dict, images: torch.Tensor):
+        from metassl.registry import build_generator
+
+        torch.set_num_threads(1)  # one core per actor: parallelism comes from the actors
+        self.cfg = from_dict(config)
+        self.source = build_generator(self.cfg, images)
+        self.made = 0
+
+    def make(self, start: int, count: int) -> pa.RecordBatch:
+        """Episodes `start .. start + count - 1` as one record batch."""
+        records = [self.source.record(i) for i in range(start, start + count)]
+        self.made += count
+        return to_record_batch(records)
+
+    def set_encoder(self, state: dict, version: int) -> int:
+        """Re-embed the pool with new encoder weights (cluster generator); returns the version."""
+        from metassl.registry import model_embedder
+
+        self.source.set_encoder(model_embedder(self.cfg, state), version)
+        return version
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "made": self.made}
+
+
+class EpisodePool:
+    """Ray generator actors behind an in-order stream of `EpisodeRecord`s, starting at `start`."""
+
+    def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, start: int = 0,
+                 chunk: int | None = None, max_in_flight: int | None = None):
+        if actors < 1:
+            raise DataError(f"generator.actors={actors}: a Ray pool needs at least one actor")
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=None, log_to_driver=False)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if actors > cpus:
+            raise DataError(f"generator.actors={actors} needs {actors} CPUs but the Ray cluster has {cpus:g}; "
+                            f"use generator.actors <= {int(cpus)}")
+        images_ref = ray.put(images)
+        config = to_dict(cfg)
+        self.actors = [GeneratorActor.options(num_cpus=1).remote(config, images_ref) for _ in range(actors)]
+        self.chunk = chunk or cfg.generator.episodes_per_task
+        self.max_in_flight = max_in_flight or cfg.generator.max_in_flight
+        self.restarts = 0
+        self._reset(start)
+
+    def _reset(self, start: int) -> None:
+        """Forget requested work and stream from episode `start` again."""
+        self._next_id = start  # next episode id to deliver
+        self._chunk_base = start  # id of chunk 0
+        self._next_chunk = 0  # next chunk index to request
+        self._in_flight: dict[int, tuple[int, ray.ObjectRef]] = {}  # chunk -> (actor index, ref)
+        self._ready: list[EpisodeRecord] = []  # records of the chunk being consumed
+        self._fill()
+
+    def _submit(self, chunk_index: int, actor_index: int) -> None:
+        start = self._chunk_base + chunk_index * self.chunk
+        ref = self.actors[actor_index].make.remote(start, self.chunk)
+        self._in_flight[chunk_index] = (actor_index, ref)
+
+    def _fill(self) -> None:
+        while len(self._in_flight) < self.max_in_flight:
+            self._submit(self._next_chunk, self._next_chunk % len(self.actors))
+            self._next_chunk += 1
+
+    def _take_chunk(self) -> list[EpisodeRecord]:
+        chunk_index = (self._next_id - self._chunk_base) // self.chunk
+        while True:
+            actor_index, ref = self._in_flight[chunk_index]
+            try:
+                batch = ray.get(ref)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                # The actor died (Ray restarts it): ask again for every chunk it had.
+                self.restarts += 1
+                for c, (a, _) in sorted(self._in_flight.items()):
+                    if a == actor_index:
+                        self._submit(c, a)
+        del self._in_flight[chunk_index]
+        self._fill()
+        return from_record_batch(batch)
+
+    def __iter__(self) -> Iterator[EpisodeRecord]:
+        while True:
+            yield self.next_record()
+
+    def next_record(self) -> EpisodeRecord:
+        """The record with the next episode id."""
+        if not self._ready:
+            self._ready = self._take_chunk()
+            skip = self._next_id - self._ready[0].episode_id
+            self._ready = self._ready[skip:]
+        record = self._ready.pop(0)
+        self._next_id += 1
+        return record
+
+    def records(self, start: int, count: int) -> list[EpisodeRecord]:
+        """Records `start .. start + count - 1`; a jump away from the stream position restarts it there."""
+        if start != self._next_id:
+            self._reset(start)
+        return [self.next_record() for _ in range(count)]
+
+    def batch(self, start: int, count: int) -> Episode:
+        """Episodes `start .. start + count - 1` stacked `[count, ...]` (the sampler interface)."""
+        return stack_episodes([r.episode for r in self.records(start, count)])
+
+    def publish_encoder(self, state: dict, version: int) -> None:
+        """Send new encoder weights to every actor through the object store (one copy)."""
+        ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
+        for actor in self.actors:
+            actor.set_encoder.remote(ref, version)
+
+    def stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def in_process_records(source, start: int) -> Iterator[EpisodeRecord]:
+    """The same stream as an `EpisodePool`, made in this process (for tests and benchmarks)."""
+    for i in itertools.count(start):
+        yield source.record(i)

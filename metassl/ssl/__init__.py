@@ -1,0 +1,1 @@
+"""Self-supervised learning: batched image views and SSL losses."""

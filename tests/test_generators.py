@@ -1,0 +1,251 @@
+"""Batched views, UMTRA (augmentation) and CACTUs (cluster) episode generators."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from metassl.config import AugmentConfig
+from metassl.data import load_split
+from metassl.errors import ConfigError, DataError
+from metassl.generate.augment import AugmentEpisodes, episode_seed
+from metassl.generate.cluster import ClusterEpisodes
+from metassl.ssl.views import random_views, rotate_quarters, ssl_views
+
+IDENTITY = AugmentConfig(rotation_deg=0, translate=0, scale_min=1, scale_max=1, shear_deg=0)
+FULL = AugmentConfig(elastic_alpha=1.5, noise_std=0.05, erase_prob=0.5)
+SMALL = AugmentConfig(rotation_deg=5, translate=0.03, scale_min=0.95, scale_max=1.05, shear_deg=3)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images(count: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Random smooth-ish images [count, 1, size, size] in [0, 1]."""
+    return torch.rand(count, 1, size, size, generator=gen(seed))
+
+
+# --- views ----------------------------------------------------------------------------
+
+def test_random_views_shape_range_and_determinism():
+    x = images(12, size=20)
+    a = random_views(x, FULL, gen(1))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, random_views(x, FULL, gen(1)))
+    assert not torch.allclose(a, random_views(x, FULL, gen(2)))
+    # each image gets its own warp: the same image twice in a batch gives two different views
+    pair = random_views(x[:1].repeat(2, 1, 1, 1), AugmentConfig(), gen(0))
+    assert not torch.allclose(pair[0], pair[1])
+
+
+def test_identity_config_reproduces_the_input():
+    x = torch.rand(5, 3, 12, 17, generator=gen(3))  # non-square, several channels
+    assert torch.allclose(random_views(x, IDENTITY, gen(0)), x, atol=1e-5)
+
+
+def test_translation_moves_ink_and_erasing_removes_it():
+    x = torch.zeros(64, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 1
+    shifted = random_views(x, dataclasses.replace(IDENTITY, translate=0.2), gen(0))
+    assert torch.allclose(shifted.sum((1, 2, 3)), x.sum((1, 2, 3)), atol=1e-3)  # ink kept, moved
+    assert not torch.allclose(shifted, x)
+    erased = random_views(torch.ones(64, 1, 16, 16), dataclasses.replace(IDENTITY, erase_prob=1.0,
+                                                                        erase_max_frac=0.5), gen(0))
+    lost = 1 - erased.mean((1, 2, 3))
+    assert (lost <= 0.5 + 0.1).all() and (lost > 0).float().mean() > 0.8
+
+
+def test_bad_augment_config_names_the_field():
+    with pytest.raises(ConfigError, match="scale_min"):
+        random_views(images(2), AugmentConfig(scale_min=0.0), gen(0))
+    with pytest.raises(ConfigError, match="noise_std"):
+        random_views(images(2), AugmentConfig(noise_std=-1.0), gen(0))
+
+
+def test_rotate_quarters_matches_rot90_per_image():
+    x = torch.rand(9, 2, 7, 7, generator=gen(0))
+    k = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 1])
+    out = rotate_quarters(x, k)
+    for b in range(len(x)):
+        assert torch.equal(out[b], torch.rot90(x[b], int(k[b]), dims=(-2, -1)))
+    with pytest.raises(DataError, match="0..3"):
+        rotate_quarters(x, torch.full((9,), 4))
+    with pytest.raises(DataError, match=r"\[9\]"):
+        rotate_quarters(x, torch.zeros(3, dtype=torch.int64))
+
+
+def test_ssl_views():
+    x = images(6)
+    x1, x2, rot_x, rot_y = ssl_views(x, AugmentConfig(), gen(0))
+    assert x1.shape == x2.shape == rot_x.shape == x.shape
+    assert rot_y.dtype == torch.int64 and rot_y.shape == (6,) and 0 <= rot_y.min() and rot_y.max() <= 3
+    assert not torch.allclose(x1, x2)
+    assert torch.equal(rot_x, rotate_quarters(x, rot_y))
+
+
+# --- augmentation episodes (UMTRA) -----------------------------------------------------
+
+def assert_valid(episode, n_way, k_shot, n_query, shape):
+    assert episode.support_x.shape == (n_way * k_shot, *shape)
+    assert episode.query_x.shape == (n_way * n_query, *shape)
+    assert torch.equal(episode.support_y, torch.arange(n_way).repeat_interleave(k_shot))
+    assert torch.equal(episode.query_y, torch.arange(n_way).repeat_interleave(n_query))
+    assert episode.support_x.dtype == torch.float32
+
+
+def nearest(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Returns the row of `pool` nearest (L2) to each image of `x`."""
+    return torch.cdist(x.flatten(1), pool.flatten(1)).argmin(1)
+
+
+def test_augment_episode_labels_and_sources():
+    pool = images(40)
+    gen_ = AugmentEpisodes(pool, 5, 2, 3, SMALL, seed=7)
+    record = gen_.record(3)
+    assert (record.generator, record.encoder_version, record.episode_id) == ("augment", 0, 3)
+    assert record.seed == episode_seed(7, 3)
+    assert (record.n_way, record.k_shot, record.n_query) == (5, 2, 3)
+    assert record.ssl_x1 is None
+    episode = record.episode
+    assert_valid(episode, 5, 2, 3, pool.shape[1:])
+    support_src, query_src = nearest(episode.support_x, pool), nearest(episode.query_x, pool)
+    for label in range(5):
+        sources = torch.cat([support_src[episode.support_y == label], query_src[episode.query_y == label]])
+        assert (sources == sources[0]).all()  # one source image per label ...
+    assert len(set(support_src.tolist())) == 5  # ... and distinct images for distinct labels
+    for s in episode.support_x:
+        assert not any(torch.equal(s, q) for q in episode.query_x)
+
+
+def test_episode_seed_reproduces_the_generator():
+    a = np.random.default_rng([3, 12345]).integers(2**63 - 1, size=4)
+    assert (np.random.default_rng(episode_seed(3, 12345)).integers(2**63 - 1, size=4) == a).all()
+
+
+def test_augment_determinism_and_batch():
+    pool = images(30)
+    a = AugmentEpisodes(pool, 3, 1, 2, FULL, seed=1, ssl_views=True)
+    fifth = a.record(5)
+    again = [a.record(i) for i in range(6)]
+    other = AugmentEpisodes(pool, 3, 1, 2, FULL, seed=1, ssl_views=True).record(5)
+    for r in (again[5], other):
+        for name in ("support_x", "query_x", "support_y", "query_y"):
+            assert torch.equal(getattr(fifth.episode, name), getattr(r.episode, name))
+        for name in ("ssl_x1", "ssl_x2", "rot_x", "rot_y"):
+            assert torch.equal(getattr(fifth, name), getattr(r, name))
+    assert fifth.ssl_x1.shape == (3, *pool.shape[1:]) and fifth.rot_y.shape == (3,)
+    assert not torch.equal(again[0].episode.support_x, again[1].episode.support_x)
+    # SSL views are drawn after the episode: switching them off leaves the episode unchanged
+    plain = AugmentEpisodes(pool, 3, 1, 2, FULL, seed=1).episode(5)
+    assert torch.equal(plain.query_x, fifth.episode.query_x)
+    assert not torch.equal(AugmentEpisodes(pool, 3, 1, 2, FULL, seed=2).episode(5).query_x, plain.query_x)
+    batch = a.batch(4, 2)
+    assert batch.batched and batch.support_x.shape == (2, 3, *pool.shape[1:])
+    assert torch.equal(batch.query_x[1], plain.query_x)
+
+
+def test_augment_errors():
+    with pytest.raises(DataError, match="n_way=11.*10 images"):
+        AugmentEpisodes(images(10), 11, 1, 1, SMALL)
+    with pytest.raises(DataError, match="k_shot"):
+        AugmentEpisodes(images(10), 5, 0, 1, SMALL)
+    with pytest.raises(DataError, match="float32"):
+        AugmentEpisodes(torch.zeros(10, 16, 16), 5, 1, 1, SMALL)
+    with pytest.raises(DataError, match="episode index"):
+        AugmentEpisodes(images(10), 5, 1, 1, SMALL).record(-1)
+
+
+# --- cluster episodes (CACTUs) ---------------------------------------------------------
+
+def blobs(classes: int = 10, per_class: int = 30, size: int = 8, noise: float = 0.02
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (images [classes*per_class, 1, size, size], true blob [classes*per_class])."""
+    g = gen(0)
+    prototypes = torch.rand(classes, 1, size, size, generator=g)
+    truth = torch.arange(classes).repeat_interleave(per_class)
+    noise = noise * torch.randn(len(truth), 1, size, size, generator=g)
+    return (prototypes[truth] + noise).clamp(0, 1), truth
+
+
+@pytest.fixture(scope="module")
+def blob_generator():
+    pool, truth = blobs()
+    return ClusterEpisodes(pool, 5, 2, 4, clusters=10, partitions=2, seed=3, embedding_dim=8), pool, truth
+
+
+def test_cluster_episodes_follow_the_true_blobs(blob_generator):
+    generator, pool, truth = blob_generator
+    record = generator.record(0)
+    assert (record.generator, record.encoder_version, record.seed) == ("cluster", 0, episode_seed(3, 0))
+    for i in range(8):
+        episode = generator.episode(i)
+        assert_valid(episode, 5, 2, 4, pool.shape[1:])
+        _, _, support, query = generator.episode_indices(i)
+        assert torch.equal(episode.support_x, pool[support]) and torch.equal(episode.query_x, pool[query])
+        assert not set(support) & set(query)
+        s_blob, q_blob = truth[support].view(5, 2), truth[query].view(5, 4)
+        assert (s_blob == s_blob[:, :1]).all() and (q_blob == s_blob[:, :1]).all()
+        assert len(set(s_blob[:, 0].tolist())) == 5  # distinct labels are distinct blobs
+
+
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")
+def test_cluster_determinism_and_new_embeddings(blob_generator):
+    generator, pool, truth = blob_generator
+    first = generator.episode(4)
+    twin = ClusterEpisodes(pool, 5, 2, 4, clusters=10, partitions=2, seed=3, embedding_dim=8)
+    assert torch.equal(twin.episode(4).support_x, first.support_x)
+    assert torch.equal(generator.batch(3, 2).query_x[1], first.query_x)
+
+    # An encoder that only sees the blob's parity: two big clusters, the others empty.
+    parity = torch.nn.functional.one_hot(truth % 2, 2).float()
+    with pytest.raises(DataError, match=r"clusters=10 has only 2 clusters.*k_shot \+ n_query = 6.*n_way=5"):
+        twin.set_embeddings(parity, version=1)
+    assert twin.encoder_version == 0  # a failed update keeps the previous state
+    # A new encoder: the flattened pixels. Partitions follow the blobs again.
+    twin.set_encoder(lambda x: x.flatten(1) * 2, version=4)
+    assert twin.encoder_version == 4 and twin.record(0).encoder_version == 4
+    assert twin.embeddings.shape == (len(pool), 64)
+    for p in range(2):  # each cluster is one blob
+        for c in range(10):
+            members = truth[torch.from_numpy(twin.labels[p] == c)]
+            assert len(members) == 0 or (members == members[0]).all()
+
+
+def test_cluster_augment_and_ssl(blob_generator):
+    _, pool, _ = blob_generator
+    generator = ClusterEpisodes(pool, 3, 1, 2, clusters=10, partitions=1, embedding_dim=4,
+                                augment=SMALL, ssl_views=True)
+    record = generator.record(2)
+    _, _, support, _ = generator.episode_indices(2)
+    assert not torch.equal(record.episode.support_x, pool[support])
+    assert record.ssl_x1.shape == record.rot_x.shape == (9, *pool.shape[1:])
+    assert torch.equal(generator.record(2).ssl_x2, record.ssl_x2)
+
+
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")
+def test_cluster_errors():
+    pool, _ = blobs(classes=4, per_class=10, noise=0.0)  # 4 distinct images, 10 copies each
+    with pytest.raises(DataError, match="clusters=3 must lie between n_way=5"):
+        ClusterEpisodes(pool, 5, 1, 1, clusters=3, partitions=1, embedding_dim=4)
+    with pytest.raises(DataError, match="only 4 clusters of at least k_shot \\+ n_query = 2"):
+        ClusterEpisodes(pool, 5, 1, 1, clusters=8, partitions=1, embedding_dim=4)
+    with pytest.raises(DataError, match="embedding_dim=100"):
+        ClusterEpisodes(pool, 2, 1, 1, clusters=4, partitions=1, embedding_dim=100)
+    with pytest.raises(DataError, match=r"\[B, D\]"):
+        ClusterEpisodes(pool, 2, 1, 1, clusters=4, partitions=1, embed=lambda x: x)
+
+
+# --- real data -------------------------------------------------------------------------
+
+def test_generators_on_omniglot(omniglot_root):
+    split = load_split("omniglot", "train", root=omniglot_root, protocol="unsupervised")
+    pool = split.x[torch.randperm(len(split.x), generator=gen(0))[:2000]]
+    umtra = AugmentEpisodes(pool, 5, 1, 3, AugmentConfig(), seed=0, ssl_views=True)
+    episode = umtra.batch(0, 2)
+    assert episode.support_x.shape == (2, 5, 1, 28, 28) and episode.query_x.shape == (2, 15, 1, 28, 28)
+    assert 0 <= episode.query_x.min() and episode.query_x.max() <= 1
+    cactus = ClusterEpisodes(pool, 5, 1, 3, clusters=50, partitions=2, seed=0)
+    for i in range(3):
+        assert_valid(cactus.episode(i), 5, 1, 3, (1, 28, 28))
