@@ -37,10 +37,14 @@ def machine() -> str:
 
 def run(cmd: list[str]) -> str:
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=None)
+    lines = []
+    with subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE) as proc:
+        for line in proc.stdout:  # echo progress as it comes
+            print(line, end="", flush=True)
+            lines.append(line)
     if proc.returncode != 0:
         sys.exit(f"command failed with exit {proc.returncode}: {' '.join(cmd)}")
-    return proc.stdout
+    return "".join(lines)
 
 
 def main() -> None:

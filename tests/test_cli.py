@@ -70,3 +70,22 @@ def test_eval_errors(trained_run, tmp_path, capsys):
     assert "nothing" in capsys.readouterr().err
     assert main(["eval", str(trained_run), "--n-way", "9"]) == 2
     assert "n_way=9" in capsys.readouterr().err
+
+
+def test_generate_shards_then_train_from_them(tmp_path, capsys):
+    out = tmp_path / "shards"
+    gen = ["--set", "generator.kind=augment", "--set", "episodes.n_query=2"]
+    assert main(["generate", "experiments/digits_protonet.yaml", "--out", str(out), "--episodes", "10",
+                 "--episodes-per-shard", "4", *gen]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["episodes"] == 10 and len(manifest["shards"]) == 3
+    assert main(["generate", "experiments/digits_protonet.yaml", "--out", str(out), "--episodes", "4", *gen]) == 2
+    assert "manifest" in capsys.readouterr().err  # refuses to overwrite without --overwrite
+    run = tmp_path / "run"
+    assert main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(run), *TINY,
+                 "--set", f"generator.shards={out}", "--set", "episodes.n_query=2"]) == 0
+    assert json.loads((run / "result.json").read_text())["steps"] == 4
+    (out / "part-00001.parquet").write_bytes(b"garbage")
+    assert main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(tmp_path / "run2"), *TINY,
+                 "--set", f"generator.shards={out}", "--set", "episodes.n_query=2"]) == 2
+    assert "part-00001.parquet" in capsys.readouterr().err

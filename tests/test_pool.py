@@ -78,3 +78,26 @@ def test_consumer_that_never_reads_keeps_generation_bounded(images):
         assert sum(s["made"] for s in pool.stats()) <= 5 * 3
     finally:
         pool.close()
+
+
+def test_cluster_actors_take_new_encoder_weights_while_running(images):
+    cfg = config.load("experiments/digits_protonet.yaml", [
+        "generator.kind=cluster", "generator.encoder=model", "generator.clusters=12", "generator.partitions=2",
+        "generator.episodes_per_task=2", "generator.max_in_flight=2", "model.hidden=8",
+        "episodes.n_way=3", "episodes.k_shot=1", "episodes.n_query=2"])
+    from metassl.registry import build_backbone, build_learner
+
+    model = build_backbone(cfg, build_learner(cfg))
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    pool = EpisodePool(cfg, images, actors=1)
+    try:
+        before = pool.records(0, 4)
+        pool.publish_encoder(state, version=7)
+        # chunks asked for before the publish may still use version 0; later ones use 7
+        later = pool.records(4, 4 * 3)
+    finally:
+        pool.close()
+    assert {r.encoder_version for r in before} == {0}
+    assert later[-1].encoder_version == 7
+    versions = [r.encoder_version for r in later]
+    assert versions == sorted(versions)  # never back to an old encoder
