@@ -58,7 +58,7 @@ class EpisodePool:
     """Ray generator actors behind an in-order stream of `EpisodeRecord`s, starting at `start`."""
 
     def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, start: int = 0,
-                 chunk: int | None = None, max_in_flight: int | None = None):
+                 chunk: int | None = None, max_in_flight: int | None = None, timeout_s: float = 600.0):
         if actors < 1:
             raise DataError(f"generator.actors={actors}: a Ray pool needs at least one actor")
         if not ray.is_initialized():
@@ -67,12 +67,16 @@ class EpisodePool:
         if actors > cpus:
             raise DataError(f"generator.actors={actors} needs {actors} CPUs but the Ray cluster has {cpus:g}; "
                             f"use generator.actors <= {int(cpus)}")
-        images_ref = ray.put(images)
-        config = to_dict(cfg)
-        self.actors = [GeneratorActor.options(num_cpus=1).remote(config, images_ref) for _ in range(actors)]
+        # Held for the pool's lifetime: Ray re-runs an actor's constructor with these
+        # arguments when it restarts the actor.
+        self._images_ref = ray.put(images)
+        self._config = to_dict(cfg)
+        self.actors = [GeneratorActor.options(num_cpus=1).remote(self._config, self._images_ref)
+                       for _ in range(actors)]
         self.chunk = chunk or cfg.generator.episodes_per_task
         self.max_in_flight = max_in_flight or cfg.generator.max_in_flight
         self.restarts = 0
+        self.timeout_s = timeout_s
         self._reset(start)
 
     def _reset(self, start: int) -> None:
@@ -99,8 +103,11 @@ class EpisodePool:
         while True:
             actor_index, ref = self._in_flight[chunk_index]
             try:
-                batch = ray.get(ref)
+                batch = ray.get(ref, timeout=self.timeout_s)
                 break
+            except ray.exceptions.GetTimeoutError:
+                raise DataError(f"generator actor {actor_index} made no episodes in {self.timeout_s:g} s "
+                                f"(episodes from id {self._next_id}); is the Ray cluster short of CPUs?") from None
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 # The actor died (Ray restarts it): ask again for every chunk it had.
                 self.restarts += 1
