@@ -1,0 +1,52 @@
+"""The only module that calls collectives: averaging meta-gradients across training workers.
+
+Meta-learners are not wrapped in DDP (second-order gradients and DDP do not mix);
+each worker computes the meta-gradient of its share of the meta-batch and one
+explicit all-reduce averages them, so every worker takes the same outer step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """`(rank, world_size)` of this process; `(0, 1)` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Return the element-wise mean of `grads` over all workers (one flat all-reduce)."""
+    _, size = world()
+    if size == 1:
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= size
+    out, i = [], 0
+    for g in grads:
+        out.append(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+    return out
+
+
+def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Return each metric averaged over all workers (same keys on every worker)."""
+    _, size = world()
+    if size == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) / size for k, v in zip(keys, t)}
+
+
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Copy rank 0's values of `tensors` to every worker, in place."""
+    _, size = world()
+    if size == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t.data, src=0)

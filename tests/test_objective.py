@@ -1,0 +1,80 @@
+"""SSL losses and the combined objective."""
+import math
+
+import torch
+
+from metassl.data.episodes import Episode, stack_episodes
+from metassl.meta import MAML, Reptile
+from metassl.models import Conv4
+from metassl.objective import SSLHeads, SSLWeights, combined_gradients, features, ssl_loss
+from metassl.ssl.losses import nt_xent, rotation_loss
+
+
+def test_nt_xent_matches_a_hand_computation():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = 0.5
+    # view 0 (=e1): similarities to views 1 (e2), 2 (e1, positive), 3 (e2): 0, 1, 0 -> / t
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2 * math.exp(0)))
+    assert math.isclose(float(nt_xent(z1, z2, t)), expected, rel_tol=1e-6)
+    # swapping partners makes the loss worse
+    assert float(nt_xent(z1, z2.flip(0), t)) > expected
+
+
+def test_rotation_loss_is_cross_entropy():
+    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    assert float(rotation_loss(logits, torch.tensor([0, 3]))) < 0.05
+    assert float(rotation_loss(logits, torch.tensor([1, 2]))) > 4
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = Conv4(1, 8, "layer", out_features=3, image_size=16).double()
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    heads = SSLHeads(model.embedding_dim, 4).double()
+    head_params = {k: v.detach().clone().requires_grad_() for k, v in heads.named_parameters()}
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    views = (x, x.flip(-1), x.transpose(-1, -2), torch.tensor([0, 1, 2, 3]))
+    y = torch.arange(3)
+    ep = Episode(torch.rand(3, 1, 16, 16, dtype=torch.float64), y, torch.rand(3, 1, 16, 16, dtype=torch.float64), y)
+    return model, params, heads, head_params, views, stack_episodes([ep, ep])
+
+
+def test_features_skip_the_classifier_head():
+    model, params, *_ = _setup()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    assert features(model, params, {}, x).shape == (2, model.embedding_dim)
+    torch.testing.assert_close(features(model, params, {}, x), model.features(x))
+
+
+def test_combined_gradient_is_meta_plus_weighted_ssl_and_heads_get_only_ssl():
+    model, params, heads, head_params, views, batch = _setup()
+    out = MAML(0.1, 1).meta_step(model, params, {}, batch)
+    ssl, parts = ssl_loss(model, params, {}, heads, head_params, views, SSLWeights())
+    assert set(parts) == {"simclr_loss", "rotation_loss", "rotation_acc"}
+    meta_g = torch.autograd.grad(out.loss, list(params.values()), retain_graph=True)
+    tensors = list(params.values()) + list(head_params.values())
+    ssl_g = [torch.zeros_like(t) if g is None else g for t, g in zip(
+        tensors, torch.autograd.grad(ssl, tensors, retain_graph=True, allow_unused=True))]
+    g0, hg0 = combined_gradients(out, ssl, 0.0, params, head_params)
+    assert all(float(h.abs().sum()) == 0 for h in hg0)
+    for a, m in zip(g0, meta_g):
+        torch.testing.assert_close(a, m)
+    out = MAML(0.1, 1).meta_step(model, params, {}, batch)  # the call above consumed the graph
+    ssl, _ = ssl_loss(model, params, {}, heads, head_params, views, SSLWeights())
+    g, hg = combined_gradients(out, ssl, 0.3, params, head_params)
+    for a, m, s in zip(g, meta_g, ssl_g):
+        torch.testing.assert_close(a, m + 0.3 * s)
+    for a, s in zip(hg, ssl_g[len(meta_g):]):
+        torch.testing.assert_close(a, 0.3 * s)
+        assert float(a.abs().sum()) > 0
+
+
+def test_reptile_pseudo_gradient_plus_ssl_gradient():
+    model, params, heads, head_params, views, batch = _setup()
+    out = Reptile(0.1, 2).meta_step(model, params, {}, batch)
+    ssl, _ = ssl_loss(model, params, {}, heads, head_params, views, SSLWeights(rotation=0.0))
+    ssl_g = torch.autograd.grad(2.0 * ssl, list(params.values()), allow_unused=True, retain_graph=True)
+    g, _ = combined_gradients(out, ssl, 2.0, params, head_params)
+    for k, a, s in zip(params, g, ssl_g):
+        torch.testing.assert_close(a, out.grads[k] + (torch.zeros_like(a) if s is None else s))
