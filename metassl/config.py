@@ -62,6 +62,17 @@ class LearnerConfig:
 
 
 @dataclass(frozen=True)
+class ObjectiveConfig:
+    """The combined objective `meta_loss + ssl_weight * ssl_loss` (SSL needs generator.ssl_views)."""
+
+    ssl_weight: float = 0.0  # 0: meta-learning loss only
+    simclr: float = 1.0  # weight of NT-Xent on two views inside ssl_loss
+    rotation: float = 1.0  # weight of rotation prediction inside ssl_loss
+    temperature: float = 0.5  # NT-Xent temperature
+    proj_dim: int = 64  # SimCLR projection size
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """Outer-loop optimiser."""
 
@@ -83,6 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 250  # save a checkpoint every this many steps
     keep_checkpoints: int = 3  # keep the last k step checkpoints (plus best.pt)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    max_failures: int = 2  # Ray backend: worker failures to recover from (from the last checkpoint)
     max_minutes: float = 0.0  # stop early (then validate, save, evaluate) after this wall time; 0: no limit
     pretrain_baseline_steps: int = 5000  # sinusoid: steps of the pretrained-on-all-tasks baseline
 
@@ -145,6 +157,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -169,11 +182,12 @@ POSITIVE = [
     "train.steps", "train.log_every", "train.val_episodes", "train.checkpoint_every",
     "train.keep_checkpoints", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
     "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
-    "generator.embedding_dim",
+    "generator.embedding_dim", "objective.temperature", "objective.proj_dim",
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
-                "generator.actors", "generator.refresh_every"]
+                "generator.actors", "generator.refresh_every", "objective.ssl_weight", "objective.simclr",
+                "objective.rotation", "train.max_failures"]
 
 
 def _get(cfg: Config, key: str):
@@ -215,6 +229,11 @@ def _validate(cfg: Config) -> None:
                           f"erase_max_frac={a.erase_max_frac} in (0, 1]")
     if cfg.generator.kind != "labelled" and cfg.data.dataset == "sinusoid":
         raise ConfigError(f"generator.kind={cfg.generator.kind!r} makes image episodes; sinusoid needs 'labelled'")
+    if cfg.objective.ssl_weight > 0 and not cfg.generator.ssl_views:
+        raise ConfigError(f"objective.ssl_weight={cfg.objective.ssl_weight} needs SSL views: set "
+                          "generator.ssl_views=true (with generator.kind augment or cluster)")
+    if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
+        raise ConfigError("generator.ssl_views=true needs generator.kind 'augment' or 'cluster'")
     regression = cfg.data.dataset == "sinusoid"
     if regression != (cfg.model.backbone == "mlp"):
         raise ConfigError(

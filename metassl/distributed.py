@@ -50,3 +50,13 @@ def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
         return
     for t in tensors:
         dist.broadcast(t.data, src=0)
+
+
+def any_true(flag: bool) -> bool:
+    """True on every worker when `flag` is true on any of them (e.g. a time limit reached)."""
+    _, size = world()
+    if size == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

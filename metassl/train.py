@@ -1,8 +1,10 @@
-"""Meta-training: the per-process loop, run in-process (`--backend local`).
+"""Meta-training: one loop for every backend, run in-process or on each Ray Train worker.
 
 The loop reads episodes `[step * meta_batch, (step + 1) * meta_batch)` of a seeded
-sampler, so a run is reproducible from its config and a resume continues the same
-stream. Rank 0 writes `config.yaml`, checkpoints, TensorBoard events and `result.json`.
+stream (each of `world` workers takes its share), so a run is reproducible from its
+config and a resume continues the same stream. Meta-gradients of
+`meta_loss + ssl_weight * ssl_loss` are averaged across workers with one explicit
+all-reduce. Rank 0 writes `config.yaml`, checkpoints, TensorBoard and `result.json`.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from metassl import checkpoint
+from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, to_dict
-from metassl.errors import ConfigError
+from metassl.errors import CheckpointError, ConfigError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource
+from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
 from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
 
 # Sections that may change between a run and its resume (length, logging, evaluation).
@@ -53,17 +56,22 @@ def make_optimizer(cfg: Config, params):
     return opt, sched
 
 
-def outer_gradients(out, params: dict) -> list[torch.Tensor]:
-    """The meta-gradient of a learner's output: its pseudo-gradient, or d loss / d params."""
-    if out.grads is not None:
-        return [out.grads[k] for k in params]
-    grads = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
-
-
 def _weights(params: dict, buffers: dict) -> dict:
     """Detached copies of a model's parameters and buffers (what an encoder refresh sends)."""
     return {k: v.detach().clone() for k, v in {**params, **buffers}.items()}
+
+
+class LocalContext:
+    """The in-process backend: one worker, checkpoints read from the run directory."""
+
+    rank, world = 0, 1
+
+    def resume_state(self, run_dir: Path) -> tuple[dict, str] | None:
+        path = checkpoint.latest(run_dir)
+        return (checkpoint.load(path), path.name) if path is not None else None
+
+    def report(self, metrics: dict, checkpoint_path: Path | None) -> None:
+        pass
 
 
 class Progress:
@@ -73,12 +81,9 @@ class Progress:
         self.total, self.log = total_steps, log
         self.t0, self.s0 = time.perf_counter(), start_step
 
-    def rate(self, step: int) -> float:
-        """Outer steps per second since the start (or resume)."""
-        return (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
-
     def line(self, step: int, metrics: dict, episodes_per_s: float, val: float | None) -> None:
-        eta = (self.total - step) / max(self.rate(step), 1e-9)
+        rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
         parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]
         if val is not None:
             parts.append(f"val {val:.4f}")
@@ -88,45 +93,60 @@ class Progress:
 
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
+    return train_loop(cfg, Path(run_dir), LocalContext(), log)
+
+
+def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
+    """The training loop of one worker (`ctx.rank` of `ctx.world`); rank 0 returns the result dict."""
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir = Path(run_dir)
+    lead = ctx.rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     learner = build_learner(cfg)
     model = build_backbone(cfg, learner)
     params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    opt, sched = make_optimizer(cfg, list(params.values()))
-    ep = cfg.episodes
+    use_ssl = cfg.objective.ssl_weight > 0
+    heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim)
+    head_params = ({k: v.detach().clone().requires_grad_() for k, v in heads.named_parameters()}
+                   if use_ssl else {})
+    ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature)
+    all_params = list(params.values()) + list(head_params.values())
+    opt, sched = make_optimizer(cfg, all_params)
     check_resumable(cfg, run_dir)
 
     start, best, history, losses = 0, None, [], []
-    resume_from = checkpoint.latest(run_dir)
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
+    resumed = ctx.resume_state(run_dir)
+    if resumed is not None:
+        state, name = resumed
         with torch.no_grad():
-            for k, v in state["params"].items():
-                params[k].copy_(v)
+            for k, v in {**state["params"], **state.get("head_params", {})}.items():
+                (params.get(k) if k in params else head_params[k]).copy_(v)
         buffers.update(state["buffers"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, best = state["step"], state.get("best_val")
         history, losses = list(state.get("val_history", [])), list(state.get("loss_history", []))
-        log(f"resuming {run_dir} from {resume_from.name} (step {start})")
+        if lead:
+            log(f"resuming {run_dir} from {name} (step {start})")
 
     # Both splits load before the run directory is written, so bad data fails without
     # leaving anything behind. Validation uses the evaluation episode shape.
     n_way, k_shot, n_query = eval_shape(cfg)
     val_tasks = build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
-    train_tasks = TrainingSource(cfg, start_step=start)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump(cfg, run_dir / "config.yaml")
+    train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world)
+    writer = None
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump(cfg, run_dir / "config.yaml")
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if start == 0:
+            _write_hparams(writer, cfg)
     refresh = cfg.generator.kind == "cluster" and cfg.generator.encoder == "model"
     if refresh:  # the cluster generator embeds with the network being meta-trained
         train_tasks.refresh_encoder(_weights(params, buffers), version=start)
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
     progress = Progress(cfg.train.steps, start, log)
     higher_is_better = not is_regression(cfg)
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
@@ -138,7 +158,7 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
         writer.add_scalar("val/ci95", res.ci95, step)
         return res.mean
 
-    def save(step: int, val: float | None) -> None:
+    def save(step: int, val: float | None) -> Path:
         nonlocal best
         is_best = val is not None and (best is None or (val > best if higher_is_better else val < best))
         if is_best:
@@ -147,6 +167,7 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
         checkpoint.save(path, {
             "step": step, "config": to_dict(cfg),
             "params": {k: v.detach() for k, v in params.items()}, "buffers": buffers,
+            "head_params": {k: v.detach() for k, v in head_params.items()},
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
             "loss_history": losses,
@@ -154,52 +175,70 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
         if is_best or not checkpoint.best_path(run_dir).exists():
             checkpoint.mark_best(run_dir, path)
         checkpoint.prune(run_dir, cfg.train.keep_checkpoints)
+        return path
 
     step, window_t, window_steps, window_wait, val = start, time.perf_counter(), 0, 0.0, None
     while step < cfg.train.steps:
         fetched = train_tasks.batch(step)
         window_wait += fetched.wait_s
         out = learner.meta_step(model, params, buffers, fetched.episodes)
-        grads = outer_gradients(out, params)
-        for p, g in zip(params.values(), grads):
+        metrics = dict(out.metrics)
+        views = fetched.ssl_views() if use_ssl else None
+        ssl = None
+        if views is not None:
+            ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights)
+            metrics.update(parts, ssl_loss=float(ssl.detach()))
+        metrics["meta_loss"] = float(out.loss.detach())
+        grads, head_grads = combined_gradients(out, ssl, cfg.objective.ssl_weight, params, head_params)
+        grads = distributed.average_gradients(grads + head_grads)
+        for p, g in zip(all_params, grads):
             p.grad = g
         if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(all_params, cfg.optim.grad_clip)
         opt.step()
         sched.step()
         step += 1
         window_steps += 1
         if refresh and cfg.generator.refresh_every and step % cfg.generator.refresh_every == 0:
             train_tasks.refresh_encoder(_weights(params, buffers), version=step)
-        out_of_time = time.perf_counter() > deadline
+        out_of_time = distributed.any_true(time.perf_counter() > deadline)
         last = step == cfg.train.steps or out_of_time
-        if step % cfg.train.log_every == 0 or last:
-            window_s = max(time.perf_counter() - window_t, 1e-9)
-            eps = window_steps * ep.meta_batch / window_s
-            for k, v in out.metrics.items():
-                writer.add_scalar(f"train/{k}", v, step)
-            losses.append([step, float(out.loss.detach())])
-            writer.add_scalar("train/meta_loss", losses[-1][1], step)
-            writer.add_scalar("perf/episodes_per_s", eps, step)
-            writer.add_scalar("perf/wait_frac", window_wait / window_s, step)
-            if fetched.records:
-                versions = fetched.encoder_versions()
-                writer.add_scalar("gen/encoder_version", max(versions), step)
-            writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
-            progress.line(step, out.metrics, eps, val)
-            window_t, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        log_now = step % cfg.train.log_every == 0 or last
         val_now = last or (cfg.train.val_every and step % cfg.train.val_every == 0)
-        if val_now:
+        ckpt_now = val_now or step % cfg.train.checkpoint_every == 0
+        report, saved = {}, None
+        if log_now:
+            window_s = max(time.perf_counter() - window_t, 1e-9)
+            metrics = distributed.average_metrics(metrics)
+            eps = window_steps * cfg.episodes.meta_batch / window_s
+            report = {**metrics, "step": step, "episodes_per_s": eps, "wait_frac": window_wait / window_s}
+            if lead:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                losses.append([step, metrics["meta_loss"]])
+                writer.add_scalar("perf/episodes_per_s", eps, step)
+                writer.add_scalar("perf/wait_frac", window_wait / window_s, step)
+                if fetched.records:
+                    writer.add_scalar("gen/encoder_version", max(fetched.encoder_versions()), step)
+                writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
+                progress.line(step, {k: metrics[k] for k in ("meta_loss", "query_acc", "ssl_loss") if k in metrics},
+                              eps, val)
+            window_t, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        if lead and val_now:
             val = validate(step)
             history.append([step, val])
-        if val_now or step % cfg.train.checkpoint_every == 0:
-            save(step, val if val_now else None)
+        if lead and ckpt_now:
+            saved = save(step, val if val_now else None)
+        if log_now or ckpt_now:
+            ctx.report({**report, "step": step, "val": val}, saved)
         if out_of_time:
-            log(f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached")
+            if lead:
+                log(f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached")
             break
-    writer.flush()
     train_tasks.close()
-
+    if not lead:
+        return None
+    writer.flush()
     result = final_evaluation(cfg, run_dir, learner, model, log)
     result.update({"steps": step, "best_val": best, "val_history": history, "loss_history": losses,
                    "train_minutes": (time.perf_counter() - progress.t0) / 60})
@@ -207,6 +246,17 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     writer.add_scalar("test/" + result["test"]["metric"], result["test"]["mean"], step)
     writer.close()
     return result
+
+
+def _write_hparams(writer, cfg: Config) -> None:
+    """Record the run's hyperparameters in TensorBoard's HParams plugin (same event file as the scalars)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() if isinstance(sec, dict)
+            for k, v in sec.items() if isinstance(v, (int, float, str, bool))}
+    metric = "val/acc" if not is_regression(cfg) else "val/mse"
+    for summary in hparams(flat, {metric: float("nan")}):
+        writer.file_writer.add_summary(summary)
 
 
 def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> dict:
@@ -226,11 +276,11 @@ def load_trained(path: str | Path):
     try:
         cfg = from_dict(state["config"])
     except ConfigError as e:
-        raise checkpoint.CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {e}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {e}") from None
     learner = build_learner(cfg)
     model = build_backbone(cfg, learner)
     expected = dict(model.named_parameters())
     if set(state["params"]) != set(expected) or any(
             state["params"][k].shape != v.shape for k, v in expected.items()):
-        raise checkpoint.CheckpointError(f"checkpoint {str(path)!r}: parameters do not match the model its config builds")
+        raise CheckpointError(f"checkpoint {str(path)!r}: parameters do not match the model its config builds")
     return cfg, learner, model, state["params"], state["buffers"], state

@@ -10,9 +10,8 @@ delivered, so no episode id is lost or delivered twice.
 """
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import ray
@@ -37,10 +36,10 @@ class GeneratorActor:
         self.source = build_generator(self.cfg, images)
         self.made = 0
 
-    def make(self, start: int, count: int) -> pa.RecordBatch:
-        """Episodes `start .. start + count - 1` as one record batch."""
-        records = [self.source.record(i) for i in range(start, start + count)]
-        self.made += count
+    def make(self, episode_ids: list[int]) -> pa.RecordBatch:
+        """The episodes with these ids as one record batch."""
+        records = [self.source.record(i) for i in episode_ids]
+        self.made += len(records)
         return to_record_batch(records)
 
     def set_encoder(self, state: dict, version: int) -> int:
@@ -55,10 +54,16 @@ class GeneratorActor:
 
 
 class EpisodePool:
-    """Ray generator actors behind an in-order stream of `EpisodeRecord`s, starting at `start`."""
+    """Ray generator actors behind an in-order stream of `EpisodeRecord`s.
+
+    The stream is indexed by position `p = start, start + 1, ...`; position `p`
+    holds episode `episode_id(p)` (the identity by default; a training worker that
+    takes its share of every meta-batch maps its positions to its episode ids).
+    """
 
     def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, start: int = 0,
-                 chunk: int | None = None, max_in_flight: int | None = None, timeout_s: float = 600.0):
+                 chunk: int | None = None, max_in_flight: int | None = None, timeout_s: float = 600.0,
+                 episode_id: Callable[[int], int] | None = None):
         if actors < 1:
             raise DataError(f"generator.actors={actors}: a Ray pool needs at least one actor")
         if not ray.is_initialized():
@@ -77,12 +82,13 @@ class EpisodePool:
         self.max_in_flight = max_in_flight or cfg.generator.max_in_flight
         self.restarts = 0
         self.timeout_s = timeout_s
+        self.episode_id = episode_id or (lambda position: position)
         self._reset(start)
 
     def _reset(self, start: int) -> None:
-        """Forget requested work and stream from episode `start` again."""
-        self._next_id = start  # next episode id to deliver
-        self._chunk_base = start  # id of chunk 0
+        """Forget requested work and stream from position `start` again."""
+        self._next_pos = start  # next position to deliver
+        self._chunk_base = start  # position of chunk 0
         self._next_chunk = 0  # next chunk index to request
         self._in_flight: dict[int, tuple[int, ray.ObjectRef]] = {}  # chunk -> (actor index, ref)
         self._ready: list[EpisodeRecord] = []  # records of the chunk being consumed
@@ -90,7 +96,8 @@ class EpisodePool:
 
     def _submit(self, chunk_index: int, actor_index: int) -> None:
         start = self._chunk_base + chunk_index * self.chunk
-        ref = self.actors[actor_index].make.remote(start, self.chunk)
+        ids = [self.episode_id(p) for p in range(start, start + self.chunk)]
+        ref = self.actors[actor_index].make.remote(ids)
         self._in_flight[chunk_index] = (actor_index, ref)
 
     def _fill(self) -> None:
@@ -99,7 +106,7 @@ class EpisodePool:
             self._next_chunk += 1
 
     def _take_chunk(self) -> list[EpisodeRecord]:
-        chunk_index = (self._next_id - self._chunk_base) // self.chunk
+        chunk_index = (self._next_pos - self._chunk_base) // self.chunk
         while True:
             actor_index, ref = self._in_flight[chunk_index]
             try:
@@ -107,7 +114,7 @@ class EpisodePool:
                 break
             except ray.exceptions.GetTimeoutError:
                 raise DataError(f"generator actor {actor_index} made no episodes in {self.timeout_s:g} s "
-                                f"(episodes from id {self._next_id}); is the Ray cluster short of CPUs?") from None
+                                f"(episode {self.episode_id(self._next_pos)} on); is the Ray cluster short of CPUs?") from None
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 # The actor died (Ray restarts it): ask again for every chunk it had.
                 self.restarts += 1
@@ -123,23 +130,23 @@ class EpisodePool:
             yield self.next_record()
 
     def next_record(self) -> EpisodeRecord:
-        """The record with the next episode id."""
+        """The record at the next position."""
         if not self._ready:
             self._ready = self._take_chunk()
-            skip = self._next_id - self._ready[0].episode_id
+            skip = (self._next_pos - self._chunk_base) % self.chunk
             self._ready = self._ready[skip:]
         record = self._ready.pop(0)
-        self._next_id += 1
+        self._next_pos += 1
         return record
 
     def records(self, start: int, count: int) -> list[EpisodeRecord]:
-        """Records `start .. start + count - 1`; a jump away from the stream position restarts it there."""
-        if start != self._next_id:
+        """Records at positions `start .. start + count - 1`; a jump elsewhere restarts the stream there."""
+        if start != self._next_pos:
             self._reset(start)
         return [self.next_record() for _ in range(count)]
 
     def batch(self, start: int, count: int) -> Episode:
-        """Episodes `start .. start + count - 1` stacked `[count, ...]` (the sampler interface)."""
+        """Episodes at positions `start .. start + count - 1` stacked `[count, ...]` (the sampler interface)."""
         return stack_episodes([r.episode for r in self.records(start, count)])
 
     def publish_encoder(self, state: dict, version: int) -> None:
@@ -155,9 +162,3 @@ class EpisodePool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-
-
-def in_process_records(source, start: int) -> Iterator[EpisodeRecord]:
-    """The same stream as an `EpisodePool`, made in this process (for tests and benchmarks)."""
-    for i in itertools.count(start):
-        yield source.record(i)

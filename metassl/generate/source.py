@@ -8,6 +8,7 @@ import torch
 
 from metassl.config import Config
 from metassl.data.episodes import Episode, stack_episodes
+from metassl.errors import ConfigError
 from metassl.generate.record import EpisodeRecord
 
 
@@ -39,11 +40,15 @@ class TrainingSource:
     replays episodes written by `metassl generate`.
     """
 
-    def __init__(self, cfg: Config, start_step: int = 0):
+    def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1):
         from metassl.registry import build_generator, build_sampler, load_unlabelled
 
         self.cfg, self.pool, self.generator = cfg, None, None
         ep, g = cfg.episodes, cfg.generator
+        if ep.meta_batch % world:
+            raise ConfigError(f"episodes.meta_batch={ep.meta_batch} must be a multiple of the {world} workers")
+        # Worker `rank` takes episodes [step * meta_batch + rank * per, ... + per) of each step.
+        self.rank, self.per = rank, ep.meta_batch // world
         self.sampler = None
         if g.shards:  # replay episodes written by `metassl generate`, wrapping around at the end
             from metassl.generate.shards import ShardEpisodes
@@ -58,19 +63,26 @@ class TrainingSource:
             self.generator = build_generator(cfg, images)
         else:
             from metassl.generate.pool import EpisodePool
-            self.pool = EpisodePool(cfg, images, actors=g.actors, start=start_step * ep.meta_batch)
+            self.pool = EpisodePool(cfg, images, actors=g.actors, start=start_step * self.per,
+                                    episode_id=self.episode_id)
+
+    def episode_id(self, position: int) -> int:
+        """The episode id of this worker's `position`-th episode."""
+        step, j = divmod(position, self.per)
+        return step * self.cfg.episodes.meta_batch + self.rank * self.per + j
 
     def batch(self, step: int) -> TrainBatch:
-        """The meta-batch of outer step `step`."""
-        mb = self.cfg.episodes.meta_batch
+        """This worker's share of the meta-batch of outer step `step`."""
+        per = self.per
+        ids = [self.episode_id(p) for p in range(step * per, (step + 1) * per)]
         t0 = time.perf_counter()
         if self.sampler is not None:
-            return TrainBatch(self.sampler.batch(step * mb, mb), None, time.perf_counter() - t0)
+            return TrainBatch(stack_episodes([self.sampler.episode(i) for i in ids]), None, time.perf_counter() - t0)
         if self.pool is not None:
-            records = self.pool.records(step * mb, mb)
+            records = self.pool.records(step * per, per)
         else:
             size = len(self.generator) if self.cfg.generator.shards else None
-            records = [self.generator.record(i % size if size else i) for i in range(step * mb, (step + 1) * mb)]
+            records = [self.generator.record(i % size if size else i) for i in ids]
         episodes = stack_episodes([r.episode for r in records])
         return TrainBatch(episodes, records, time.perf_counter() - t0)
 
