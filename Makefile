@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# Where the CPU build of torch comes from when no torch is installed. Empty: pip's own
+# configuration (a local wheel or an index it is set up with). Elsewhere use
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu so that pip does not pick the CUDA build.
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: run test install clean
@@ -14,7 +18,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

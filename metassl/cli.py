@@ -15,11 +15,15 @@ def _log(line: str) -> None:
 
 def _train(args) -> int:
     from metassl import config
-    from metassl.train import run_local
 
     cfg = config.load(args.config, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-    result = run_local(cfg, run_dir, log=_log)
+    if args.backend == "local":
+        from metassl.train import run_local
+        result = run_local(cfg, run_dir, log=_log)
+    else:
+        from metassl.raytrain import run_ray
+        result = run_ray(cfg, run_dir, workers=args.workers, address=args.address, log=_log)
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
     if args.json:
         print(json.dumps(result["test"]))
@@ -36,9 +40,13 @@ def _eval(args) -> int:
         dataset, root = "omniglot", dataset.split(":", 1)[1]
     if args.protocol:
         cfg = _replace_data(cfg, protocol=args.protocol)
-    res = evaluate_model(cfg, learner, model, params, buffers, split=args.split, episodes=args.episodes,
-                         seed=args.seed, n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query,
-                         inner_steps=args.inner_steps, dataset=dataset, root=root)
+    # Options left unset take the run's `eval` config, so `metassl eval RUN` repeats result.json.
+    res = evaluate_model(
+        cfg, learner, model, params, buffers, split=args.split or cfg.eval.split,
+        episodes=args.episodes or cfg.eval.episodes, seed=cfg.eval.seed if args.seed is None else args.seed,
+        n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query,
+        inner_steps=cfg.eval.inner_steps if args.inner_steps is None else args.inner_steps,
+        dataset=dataset, root=root)
     print(json.dumps(res.to_dict()) if args.json else res.summary())
     return 0
 
@@ -83,6 +91,16 @@ def _replace_data(cfg, **changes):
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metassl", description="Self-supervised meta-learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,16 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set learner.inner_lr=0.1 (repeatable)")
     t.add_argument("--run-dir", help="run directory (default runs/<name>); an existing run there resumes")
-    t.add_argument("--backend", choices=["local"], default="local", help="where to train (default local)")
+    t.add_argument("--backend", choices=["ray", "local"], default="ray",
+                   help="ray: Ray Train workers (default); local: in this process, no Ray")
+    t.add_argument("--workers", type=_positive, default=2, help="Ray Train workers (default 2)")
+    t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
     t.add_argument("--json", action="store_true", help="also print the test result as JSON")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="write pseudo-labelled episodes as Parquet shards (local path or URI)")
     g.add_argument("config", help="YAML config with a generator section (kind: augment | cluster)")
     g.add_argument("--out", required=True, help="folder or URI (s3://bucket/prefix, gs://...) for the shards")
-    g.add_argument("--episodes", type=int, default=1000, help="episodes to write (default 1000)")
+    g.add_argument("--episodes", type=_positive, default=1000, help="episodes to write (default 1000)")
     g.add_argument("--start", type=int, default=0, help="first episode id (default 0)")
-    g.add_argument("--episodes-per-shard", type=int, default=256)
+    g.add_argument("--episodes-per-shard", type=_positive, default=256)
     g.add_argument("--overwrite", action="store_true", help="replace shards already at --out")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     g.set_defaults(func=_generate)
@@ -111,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset spec: digits | sinusoid | omniglot[:PATH] | imagefolder:PATH "
                                   "(default: the training dataset)")
     e.add_argument("--protocol", choices=["supervised", "unsupervised"], help="omniglot protocol")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--n-way", type=int)
-    e.add_argument("--k-shot", type=int)
-    e.add_argument("--n-query", type=int)
-    e.add_argument("--episodes", type=int, default=1000)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--split", choices=["train", "val", "test"], help="default: the run's eval.split")
+    e.add_argument("--n-way", type=_positive)
+    e.add_argument("--k-shot", type=_positive)
+    e.add_argument("--n-query", type=_positive)
+    e.add_argument("--episodes", type=_positive, help="default: the run's eval.episodes")
+    e.add_argument("--seed", type=int, help="episode seed (default: the run's eval.seed)")
     e.add_argument("--inner-steps", type=int, help="test-time inner steps (gradient-based learners)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.set_defaults(func=_eval)

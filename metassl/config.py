@@ -120,7 +120,7 @@ class GeneratorConfig:
     """Where training episodes come from when labels are not used."""
 
     kind: str = "labelled"  # labelled (sampler over true classes) | augment (UMTRA) | cluster (CACTUs)
-    actors: int = 0  # Ray generator actors (0: the CPUs left after training workers, at least 1)
+    actors: int = 0  # Ray generator actors per training process (0: generate in the training process)
     max_in_flight: int = 8  # episode batches requested but not yet consumed (backpressure)
     episodes_per_task: int = 4  # episodes one actor call makes
     clusters: int = 200  # cluster: k of k-means
@@ -234,6 +234,12 @@ def _validate(cfg: Config) -> None:
                           "generator.ssl_views=true (with generator.kind augment or cluster)")
     if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
         raise ConfigError("generator.ssl_views=true needs generator.kind 'augment' or 'cluster'")
+    if cfg.model.norm == "group" and cfg.model.hidden % 8:
+        raise ConfigError(f"model.norm='group' uses 8 groups, so model.hidden={cfg.model.hidden} must be a multiple of 8")
+    head_learner = cfg.learner.name in ("maml", "fomaml", "reptile")
+    if head_learner and cfg.eval.n_way not in (None, cfg.episodes.n_way):
+        raise ConfigError(f"eval.n_way={cfg.eval.n_way}: learner {cfg.learner.name!r} trains an "
+                          f"episodes.n_way={cfg.episodes.n_way}-way classifier head and is evaluated with the same n_way")
     regression = cfg.data.dataset == "sinusoid"
     if regression != (cfg.model.backbone == "mlp"):
         raise ConfigError(

@@ -66,8 +66,12 @@ def load_unlabelled(cfg: Config) -> torch.Tensor:
                       image_size=cfg.data.image_size, channels=cfg.data.channels).x
 
 
-def build_generator(cfg: Config, images: torch.Tensor, embed=None):
-    """Return the episode generator named by `cfg.generator.kind` over unlabelled `images`."""
+def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int] | None = None):
+    """Return the episode generator named by `cfg.generator.kind` over unlabelled `images`.
+
+    `encoder` = (weights, version) makes a cluster generator embed with the model's
+    features (`generator.encoder: model`) from the start.
+    """
     from metassl.generate.augment import AugmentEpisodes
     from metassl.generate.cluster import ClusterEpisodes
 
@@ -77,9 +81,11 @@ def build_generator(cfg: Config, images: torch.Tensor, embed=None):
         return AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment, seed=seed,
                                ssl_views=g.ssl_views)
     if g.kind == "cluster":
+        embed, version = (model_embedder(cfg, encoder[0]), encoder[1]) if encoder else (None, 0)
         return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
                                partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
-                               augment=None, ssl_views=g.ssl_views, ssl_augment=g.augment)
+                               augment=None, ssl_views=g.ssl_views, ssl_augment=g.augment,
+                               encoder_version=version)
     raise ConfigError(f"generator.kind={g.kind!r} has no generator; valid: ['augment', 'cluster']")
 
 

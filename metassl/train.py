@@ -18,7 +18,7 @@ import yaml
 
 from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, to_dict
-from metassl.errors import CheckpointError, ConfigError
+from metassl.errors import CheckpointError, ConfigError, DataError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
@@ -28,18 +28,45 @@ from metassl.registry import build_backbone, build_learner, build_sampler, is_re
 _RESUMABLE_CHANGES = ("train", "eval")
 
 
-def check_resumable(cfg: Config, run_dir: Path) -> None:
-    """Refuse (without writing anything) a run directory that holds a different experiment."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file() and checkpoint.latest(run_dir) is not None:
-        old = yaml.safe_load(saved.read_text()) or {}
-        new = to_dict(cfg)
-        changed = [f"{s}.{k}" for s in new if s not in _RESUMABLE_CHANGES and isinstance(new[s], dict)
-                   for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-        changed += [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]
-        if changed:
-            raise ConfigError(f"run directory {str(run_dir)!r} holds a run with a different config "
-                              f"({', '.join(changed)} differ); use another --run-dir to start a new run")
+def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> None:
+    """Refuse (without writing anything) to resume a different experiment.
+
+    `saved` is the config stored in the checkpoint being resumed; without it the run
+    directory's `config.yaml` is compared when the directory has checkpoints.
+    """
+    if saved is None:
+        path = run_dir / "config.yaml"
+        if not (path.is_file() and checkpoint.latest(run_dir) is not None):
+            return
+        saved = yaml.safe_load(path.read_text()) or {}
+    new = to_dict(cfg)
+    changed = [f"{s}.{k}" for s in new if s not in _RESUMABLE_CHANGES and isinstance(new[s], dict)
+               for k in new[s] if saved.get(s, {}).get(k) != new[s][k]]
+    changed += [s for s in new if not isinstance(new[s], dict) and saved.get(s) != new[s]]
+    if changed:
+        raise ConfigError(f"run directory {str(run_dir)!r} holds a run with a different config "
+                          f"({', '.join(changed)} differ); use another --run-dir to start a new run")
+
+
+def check_data(cfg: Config) -> None:
+    """Load what a run will read (validation split, training split or shards) so bad data fails early.
+
+    Used by drivers before they start workers; the cluster generator's k-means is
+    not run here (only the pool's size is checked).
+    """
+    n_way, k_shot, n_query = eval_shape(cfg)
+    build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
+    g, ep = cfg.generator, cfg.episodes
+    if g.shards:
+        from metassl.generate.shards import read_manifest
+        read_manifest(g.shards)
+    elif g.kind == "labelled":
+        build_sampler(cfg, "train", n_way=ep.n_way, k_shot=ep.k_shot, n_query=ep.n_query, seed=cfg.seed)
+    else:
+        from metassl.registry import load_unlabelled
+        images = load_unlabelled(cfg)
+        if len(images) < ep.n_way:
+            raise DataError(f"episodes.n_way={ep.n_way} but the unlabelled pool has only {len(images)} images")
 
 
 def make_optimizer(cfg: Config, params):
@@ -120,12 +147,15 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     resumed = ctx.resume_state(run_dir)
     if resumed is not None:
         state, name = resumed
+        check_resumable(cfg, run_dir, saved=state["config"])
         with torch.no_grad():
             for k, v in {**state["params"], **state.get("head_params", {})}.items():
                 (params.get(k) if k in params else head_params[k]).copy_(v)
         buffers.update(state["buffers"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            sched.T_max = cfg.train.steps  # train.steps may have changed since the checkpoint
         torch.set_rng_state(state["torch_rng"])
         start, best = state["step"], state.get("best_val")
         history, losses = list(state.get("val_history", [])), list(state.get("loss_history", []))
@@ -136,7 +166,14 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     # leaving anything behind. Validation uses the evaluation episode shape.
     n_way, k_shot, n_query = eval_shape(cfg)
     val_tasks = build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
-    train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world)
+    # With `generator.encoder: model` the cluster generator embeds with the network being
+    # meta-trained: version 1 is the initial network, a refresh after step s publishes s + 1.
+    refresh = cfg.generator.kind == "cluster" and cfg.generator.encoder == "model" and not cfg.generator.shards
+    encoder = None
+    if refresh:
+        saved = resumed[0].get("encoder") if resumed is not None else None
+        encoder = (saved["weights"], saved["version"]) if saved else (_weights(params, buffers), 1)
+    train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder)
     writer = None
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,9 +181,6 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
         if start == 0:
             _write_hparams(writer, cfg)
-    refresh = cfg.generator.kind == "cluster" and cfg.generator.encoder == "model"
-    if refresh:  # the cluster generator embeds with the network being meta-trained
-        train_tasks.refresh_encoder(_weights(params, buffers), version=start)
     progress = Progress(cfg.train.steps, start, log)
     higher_is_better = not is_regression(cfg)
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
@@ -171,6 +205,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
             "loss_history": losses,
+            "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
         })
         if is_best or not checkpoint.best_path(run_dir).exists():
             checkpoint.mark_best(run_dir, path)
@@ -200,7 +235,8 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
         step += 1
         window_steps += 1
         if refresh and cfg.generator.refresh_every and step % cfg.generator.refresh_every == 0:
-            train_tasks.refresh_encoder(_weights(params, buffers), version=step)
+            encoder = (_weights(params, buffers), step + 1)
+            train_tasks.refresh_encoder(*encoder)
         out_of_time = distributed.any_true(time.perf_counter() > deadline)
         last = step == cfg.train.steps or out_of_time
         log_now = step % cfg.train.log_every == 0 or last

@@ -31,6 +31,8 @@ def ray_session(tmp_path_factory):
     """One local Ray instance (2 CPUs) for the whole test session."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    # Ray Train's controller polls every 2 s by default, which makes each report() slow.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)

@@ -7,7 +7,7 @@ import pytest
 
 from metassl.cli import main
 
-TINY = ["--set", "model.hidden=8", "--set", "train.steps=4", "--set", "train.log_every=2",
+TINY = ["--backend", "local", "--set", "model.hidden=8", "--set", "train.steps=4", "--set", "train.log_every=2",
         "--set", "train.val_every=2", "--set", "train.val_episodes=10", "--set", "train.checkpoint_every=2",
         "--set", "eval.episodes=20"]
 
@@ -55,7 +55,7 @@ def test_console_script_prints_accuracy_with_ci(trained_run):
 ])
 def test_bad_input_gives_clear_error_and_exit_2(args, message, capsys, tmp_path):
     run_dir = tmp_path / "run"
-    assert main([*args, "--run-dir", str(run_dir)]) == 2
+    assert main([*args, "--run-dir", str(run_dir), "--backend", "local"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err
     assert not run_dir.exists()  # nothing was written for a run that could not start
@@ -89,3 +89,12 @@ def test_generate_shards_then_train_from_them(tmp_path, capsys):
     assert main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(tmp_path / "run2"), *TINY,
                  "--set", f"generator.shards={out}", "--set", "episodes.n_query=2"]) == 2
     assert "part-00001.parquet" in capsys.readouterr().err
+
+
+def test_shards_that_do_not_fit_the_config_are_refused(tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["generate", "experiments/digits_protonet.yaml", "--out", str(out), "--episodes", "4",
+                 "--set", "generator.kind=augment", "--set", "episodes.n_query=2"]) == 0
+    assert main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(tmp_path / "run"), *TINY,
+                 "--set", f"generator.shards={out}", "--set", "episodes.n_query=3"]) == 2
+    assert "2-query" in capsys.readouterr().err

@@ -94,8 +94,13 @@ def test_sinusoid_maml_beats_pretrained_baseline_on_a_small_budget(tmp_path):
     assert test["extra"]["baseline_mse_10_step"] > test["mean"]
 
 
-@pytest.mark.parametrize("learner", ["maml", "fomaml", "reptile", "matchingnet"])
-def test_each_learner_trains_on_digits(tmp_path, learner):
-    extra = ["learner.inner_steps=1", "learner.eval_inner_steps=1", "model.norm=layer"]
-    result = run_local(tiny(f"learner.name={learner}", *extra, steps=3), tmp_path, log=_quiet)
-    assert result["steps"] == 3 and 0 <= result["test"]["mean"] <= 1
+@pytest.mark.parametrize("learner", ["maml", "fomaml", "reptile", "protonet", "matchingnet"])
+def test_each_learner_lowers_its_training_loss_on_digits(tmp_path, learner):
+    extra = ["learner.inner_steps=1", "learner.eval_inner_steps=1", "model.norm=layer", "episodes.n_query=5",
+             "learner.matching_scale=10", "optim.outer_lr=0.003"]
+    if learner == "reptile":
+        extra += ["optim.optimizer=sgd", "optim.outer_lr=1.0", "learner.inner_steps=5", "learner.inner_lr=0.05"]
+    result = run_local(tiny(f"learner.name={learner}", *extra, steps=24), tmp_path, log=_quiet)
+    losses = [loss for _, loss in result["loss_history"]]
+    assert sum(losses[-6:]) < sum(losses[:6]), losses
+    assert 0 <= result["test"]["mean"] <= 1

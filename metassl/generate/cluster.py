@@ -44,7 +44,7 @@ def pca_embeddings(images: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     if dim > largest:
         raise DataError(f"embedding_dim={dim} but PCA of {pixels.shape[0]} images of {pixels.shape[1]} "
                         f"pixels gives at most {largest} components; use embedding_dim <= {largest}")
-    with threadpool_limits(limits=torch.get_num_threads()):
+    with threadpool_limits(limits=1):  # one thread: the same result in every process
         features = PCA(n_components=dim, random_state=seed).fit_transform(pixels)
     return torch.from_numpy(features.astype(np.float32))
 
@@ -52,6 +52,16 @@ def pca_embeddings(images: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 def embed_images(images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
                  chunk: int = EMBED_CHUNK) -> torch.Tensor:
     """Returns float32 [M, D] = `embed` applied to `images` [M, C, H, W] in chunks, without gradients."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: bitwise the same embedding in every process
+    try:
+        parts = _embed_chunks(images, embed, chunk)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(parts)
+
+
+def _embed_chunks(images, embed, chunk):
     parts = []
     with torch.no_grad():
         for start in range(0, len(images), chunk):
@@ -62,19 +72,21 @@ def embed_images(images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Ten
                 raise DataError(f"the encoder must map images [B, C, H, W] to embeddings [B, D]; "
                                 f"for B = {rows} it returned {got}")
             parts.append(part.detach().float().cpu())
-    return torch.cat(parts)
+    return parts
 
 
 def kmeans_partitions(embeddings: np.ndarray, clusters: int, partitions: int, seed: int) -> np.ndarray:
     """Returns int64 [partitions, M]: cluster labels 0..clusters-1 of P k-means runs on `embeddings` [M, D].
 
-    Run p uses k-means++ initialisation and random_state seed * 1000 + p.
+    Run p uses k-means++ initialisation seeded from (seed, p). k-means runs on one
+    thread so that every process (actor or trainer) finds the same partitions.
     """
     labels = np.empty((partitions, len(embeddings)), dtype=np.int64)
-    with threadpool_limits(limits=torch.get_num_threads()):
+    with threadpool_limits(limits=1):
         for p in range(partitions):
+            run_seed = int(np.random.SeedSequence([seed, p]).generate_state(1)[0])
             kmeans = KMeans(n_clusters=clusters, n_init=1, algorithm="lloyd", max_iter=KMEANS_MAX_ITER,
-                            random_state=seed * 1000 + p)
+                            random_state=run_seed)
             labels[p] = kmeans.fit_predict(embeddings)
     return labels
 
@@ -90,7 +102,8 @@ class ClusterEpisodes:
     """CACTUs generator over an unlabelled pool: `record(i)`, `episode(i)`, `batch(start, count)`.
 
     `images` [M, C, H, W] float32 in [0, 1]. `embed` maps images [B, C, H, W] to [B, D];
-    None uses PCA with `embedding_dim` components on the pixels (fit on the pool). k-means
+    None uses PCA with `embedding_dim` components on the pixels (fit on the pool); records
+    report `encoder_version` until `set_encoder` installs a newer encoder. k-means
     finds `clusters` clusters, `partitions` times. `augment` (None: raw images) draws a
     random view of every episode image; with `ssl_views`, records also carry SimCLR views
     and rotated copies of the episode's images (drawn with `augment`, or the AugmentConfig
@@ -101,7 +114,7 @@ class ClusterEpisodes:
                  clusters: int, partitions: int, seed: int = 0,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None, embedding_dim: int = 64,
                  augment: AugmentConfig | None = None, ssl_views: bool = False,
-                 ssl_augment: AugmentConfig | None = None):
+                 ssl_augment: AugmentConfig | None = None, encoder_version: int = 0):
         self.images = check_pool(images)
         self.n_way = check_int("n_way", n_way, 2)
         self.k_shot = check_int("k_shot", k_shot, 1)
@@ -121,7 +134,7 @@ class ClusterEpisodes:
             embeddings = pca_embeddings(self.images, dim, self.seed)
         else:
             embeddings = embed_images(self.images, embed)
-        self.set_embeddings(embeddings, 0)
+        self.set_embeddings(embeddings, encoder_version)
 
     def set_encoder(self, embed: Callable[[torch.Tensor], torch.Tensor], version: int) -> None:
         """Re-embeds the pool with `embed` ([B, C, H, W] -> [B, D]) and re-clusters it; see set_embeddings."""

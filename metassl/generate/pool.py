@@ -24,16 +24,25 @@ from metassl.generate.record import EpisodeRecord
 from metassl.generate.schema import from_record_batch, to_record_batch
 
 
+MAX_RESUBMITS = 5  # times one chunk is asked for again after its actor died
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class GeneratorActor:
     """Holds one episode generator; makes chunks of episodes as Arrow record batches."""
 
-    def __init__(self, config: dict, images: torch.Tensor):
+    def __init__(self, config: dict, images: torch.Tensor, encoder_state: dict | None = None,
+                 encoder_version: int = 0):
         from metassl.registry import build_generator
 
         torch.set_num_threads(1)  # one core per actor: parallelism comes from the actors
         self.cfg = from_dict(config)
-        self.source = build_generator(self.cfg, images)
+        encoder = (encoder_state, encoder_version) if encoder_state is not None else None
+        self.source = build_generator(self.cfg, images, encoder)
         self.made = 0
 
     def make(self, episode_ids: list[int]) -> pa.RecordBatch:
@@ -63,7 +72,7 @@ class EpisodePool:
 
     def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, start: int = 0,
                  chunk: int | None = None, max_in_flight: int | None = None, timeout_s: float = 600.0,
-                 episode_id: Callable[[int], int] | None = None):
+                 episode_id: Callable[[int], int] | None = None, encoder: tuple[dict, int] | None = None):
         if actors < 1:
             raise DataError(f"generator.actors={actors}: a Ray pool needs at least one actor")
         if not ray.is_initialized():
@@ -76,8 +85,14 @@ class EpisodePool:
         # arguments when it restarts the actor.
         self._images_ref = ray.put(images)
         self._config = to_dict(cfg)
-        self.actors = [GeneratorActor.options(num_cpus=1).remote(self._config, self._images_ref)
+        self._encoder: tuple[ray.ObjectRef, int] | None = None  # the last published (weights, version)
+        if encoder is not None:
+            self._encoder = (ray.put(_cpu(encoder[0])), encoder[1])
+        # Refs must be top-level arguments for Ray to pass their values.
+        initial = self._encoder or (None, 0)
+        self.actors = [GeneratorActor.options(num_cpus=1).remote(self._config, self._images_ref, *initial)
                        for _ in range(actors)]
+        self._resubmits: dict[int, int] = {}
         self.chunk = chunk or cfg.generator.episodes_per_task
         self.max_in_flight = max_in_flight or cfg.generator.max_in_flight
         self.restarts = 0
@@ -115,9 +130,18 @@ class EpisodePool:
             except ray.exceptions.GetTimeoutError:
                 raise DataError(f"generator actor {actor_index} made no episodes in {self.timeout_s:g} s "
                                 f"(episode {self.episode_id(self._next_pos)} on); is the Ray cluster short of CPUs?") from None
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                # The actor died (Ray restarts it): ask again for every chunk it had.
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if getattr(e, "actor_init_failed", False):
+                    raise DataError(f"generator actor {actor_index} could not build its generator: {e}") from None
+                tries = self._resubmits[chunk_index] = self._resubmits.get(chunk_index, 0) + 1
+                if tries > MAX_RESUBMITS:
+                    raise DataError(f"generator actor {actor_index} died {tries} times making episode "
+                                    f"{self.episode_id(self._next_pos)}: {e}") from None
+                # The actor died and Ray restarts it: give it the current encoder again,
+                # then ask again for every chunk it had not delivered.
                 self.restarts += 1
+                if self._encoder is not None:
+                    self.actors[actor_index].set_encoder.remote(*self._encoder)
                 for c, (a, _) in sorted(self._in_flight.items()):
                     if a == actor_index:
                         self._submit(c, a)
@@ -150,10 +174,14 @@ class EpisodePool:
         return stack_episodes([r.episode for r in self.records(start, count)])
 
     def publish_encoder(self, state: dict, version: int) -> None:
-        """Send new encoder weights to every actor through the object store (one copy)."""
-        ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
+        """Send new encoder weights to every actor through the object store (one copy).
+
+        Chunks requested before the publish may still come from the previous encoder;
+        every record says which version made it.
+        """
+        self._encoder = (ray.put(_cpu(state)), version)
         for actor in self.actors:
-            actor.set_encoder.remote(ref, version)
+            actor.set_encoder.remote(*self._encoder)
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors])

@@ -36,11 +36,13 @@ class TrainingSource:
 
     `generator.kind: labelled` samples true classes; `augment`/`cluster` generate
     pseudo-labelled episodes from the unlabelled train images, in this process
-    (`generator.actors: 0`) or on Ray actors (`actors: N`); `data.shards` (when set)
-    replays episodes written by `metassl generate`.
+    (`generator.actors: 0`) or on Ray actors (`actors: N`); `generator.shards` (when
+    set) replays episodes written by `metassl generate`. `encoder` = (weights, version)
+    starts a cluster generator on the model's embedding.
     """
 
-    def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1,
+                 encoder: tuple[dict, int] | None = None):
         from metassl.registry import build_generator, build_sampler, load_unlabelled
 
         self.cfg, self.pool, self.generator = cfg, None, None
@@ -53,6 +55,7 @@ class TrainingSource:
         if g.shards:  # replay episodes written by `metassl generate`, wrapping around at the end
             from metassl.generate.shards import ShardEpisodes
             self.generator = ShardEpisodes(g.shards)
+            _check_shards_fit(cfg, self.generator)
             return
         if g.kind == "labelled":
             self.sampler = build_sampler(cfg, "train", n_way=ep.n_way, k_shot=ep.k_shot,
@@ -60,11 +63,11 @@ class TrainingSource:
             return
         images = load_unlabelled(cfg)
         if g.actors == 0:
-            self.generator = build_generator(cfg, images)
+            self.generator = build_generator(cfg, images, encoder)
         else:
             from metassl.generate.pool import EpisodePool
             self.pool = EpisodePool(cfg, images, actors=g.actors, start=start_step * self.per,
-                                    episode_id=self.episode_id)
+                                    episode_id=self.episode_id, encoder=encoder)
 
     def episode_id(self, position: int) -> int:
         """The episode id of this worker's `position`-th episode."""
@@ -98,3 +101,18 @@ class TrainingSource:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+
+
+def _check_shards_fit(cfg: Config, shards) -> None:
+    """Raise ConfigError when episodes written by `metassl generate` do not fit this run's config."""
+    first = shards.record(0)
+    ep = cfg.episodes
+    want = (ep.n_way, ep.k_shot, ep.n_query, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    got = (first.n_way, first.k_shot, first.n_query, *first.episode.support_x.shape[1:])
+    if want != got:
+        raise ConfigError(f"generator.shards={cfg.generator.shards!r} holds {got[0]}-way {got[1]}-shot "
+                          f"{got[2]}-query episodes of {list(got[3:])} images, but the config asks for "
+                          f"{want[0]}-way {want[1]}-shot {want[2]}-query of {list(want[3:])}")
+    if cfg.objective.ssl_weight > 0 and first.ssl_x1 is None:
+        raise ConfigError(f"objective.ssl_weight={cfg.objective.ssl_weight} but generator.shards="
+                          f"{cfg.generator.shards!r} has no SSL views (generate them with generator.ssl_views=true)")

@@ -1,0 +1,119 @@
+"""Meta-training on Ray Train (V2 APIs): a driver builds a `TorchTrainer` whose workers run `train_loop`.
+
+Each worker computes the meta-gradient of its share of every meta-batch; one
+explicit all-reduce (gloo on CPU) averages them, so all workers take the same outer
+step. Rank 0 writes checkpoints, TensorBoard and `result.json` into the run
+directory, which is also Ray's run folder (`storage_path/name`), and hands each
+checkpoint to Ray. After a worker failure Ray restarts the group
+(`FailureConfig(max_failures)`) and `train_loop` resumes from the last reported
+checkpoint; re-running the same command resumes the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from metassl import checkpoint
+from metassl.config import Config, from_dict, to_dict
+from metassl.errors import ConfigError, MetasslError
+from metassl.train import check_data, check_resumable, train_loop
+
+STATE_FILE = "state.pt"  # the checkpoint file inside a Ray checkpoint directory
+# Ray Train's controller polls workers every 2 s by default, which makes each
+# `ray.train.report()` block for most of that; a shorter interval keeps reports cheap.
+_FAST_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+class RayContext:
+    """A Ray Train worker's view: its rank, the last reported checkpoint, and `ray.train.report`."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def resume_state(self, run_dir: Path) -> tuple[dict, str] | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as folder:
+            return checkpoint.load(Path(folder) / STATE_FILE), f"Ray checkpoint {Path(ckpt.path).name}"
+
+    def report(self, metrics: dict, checkpoint_path: Path | None) -> None:
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        if checkpoint_path is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copyfile(checkpoint_path, Path(folder) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _worker(loop_config: dict) -> None:
+    cfg = from_dict(loop_config["config"])
+    if not cfg.train.threads:
+        torch.set_num_threads(loop_config["threads_per_worker"])
+    train_loop(cfg, Path(loop_config["run_dir"]), RayContext(), log=lambda line: print(line, flush=True))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address` (or $RAY_ADDRESS), else start a local Ray instance with `num_cpus` logical CPUs."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": _FAST_REPORTS})
+        return
+    os.environ.update({k: os.environ.get(k, v) for k, v in _FAST_REPORTS.items()})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None,
+            log=print) -> dict:
+    """Meta-train with `workers` Ray Train workers; return `result.json`'s dict."""
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    if cfg.episodes.meta_batch % workers:
+        raise ConfigError(f"episodes.meta_batch={cfg.episodes.meta_batch} must be a multiple of "
+                          f"--workers={workers} (each worker takes an equal share)")
+    run_dir = Path(run_dir).resolve()
+    check_resumable(cfg, run_dir)
+    check_data(cfg)  # a bad dataset fails here, not three times inside the workers
+    # Each worker needs one CPU, plus one per generator actor it starts; logical CPUs may
+    # exceed the cores (the actors mostly wait on backpressure).
+    needed = workers * (1 + max(cfg.generator.actors, 0))
+    init_ray(address, num_cpus=max(os.cpu_count() or 1, needed))
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir),
+                           "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise MetasslError(f"training on Ray failed after {cfg.train.max_failures} retries: "
+                           f"{_root_cause(e)}") from None
+    result_file = run_dir / "result.json"
+    if not result_file.is_file():
+        raise MetasslError(f"training on Ray finished without writing {result_file}")
+    return json.loads(result_file.read_text())
+
+
+def _root_cause(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    useful = [line for line in text if "Error" in line or "error" in line]
+    return (useful[-1] if useful else text[-1] if text else type(error).__name__).strip()
