@@ -60,3 +60,11 @@ def any_true(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def average_buffers_(buffers: dict[str, torch.Tensor]) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over all workers, in place."""
+    floats = [b for b in buffers.values() if b.dtype.is_floating_point]
+    if floats:
+        for b, avg in zip(floats, average_gradients(floats)):
+            b.copy_(avg)

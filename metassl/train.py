@@ -232,6 +232,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
             torch.nn.utils.clip_grad_norm_(all_params, cfg.optim.grad_clip)
         opt.step()
         sched.step()
+        distributed.average_buffers_(buffers)  # running statistics stay the same on every worker
         step += 1
         window_steps += 1
         if refresh and cfg.generator.refresh_every and step % cfg.generator.refresh_every == 0:
