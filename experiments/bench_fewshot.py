@@ -64,7 +64,7 @@ def main() -> None:
     run_dir = Path(args.run_dir or f"runs/bench/{args.benchmark}")
     overrides = [f"data.root={args.data_root}"] if args.data_root else []
     overrides += args.set
-    cmd = METASSL + ["train", str(HERE / config), "--run-dir", str(run_dir)]
+    cmd = METASSL + ["train", str(HERE / config), "--run-dir", str(run_dir), "--backend", "local"]
     for o in overrides:
         cmd += ["--set", o]
     t0 = time.perf_counter()
