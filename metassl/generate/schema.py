@@ -252,9 +252,10 @@ def _column_rows(column: pa.Array, name: str) -> list:
     values = storage.values.slice(storage.offset * size, len(storage) * size)
     if values.null_count:
         values = values.fill_null(0)  # parquet reads the values of null rows as nulls
-    array = values.to_numpy(zero_copy_only=False).reshape(len(storage), *shape)
+    # One copy of the whole column (Arrow memory is read-only, often shared), then a view per row.
+    array = torch.from_numpy(np.array(values.to_numpy(zero_copy_only=False)).reshape(len(storage), *shape))
     valid = storage.is_valid().to_numpy(zero_copy_only=False)
-    return [torch.from_numpy(array[i].copy()) if valid[i] else None for i in range(len(storage))]
+    return [array[i] if valid[i] else None for i in range(len(storage))]
 
 
 def _batch_records(batch: pa.RecordBatch) -> list[EpisodeRecord]:
