@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from metassl.config import AugmentConfig
-from metassl.data.episodes import Episode, check_int, stack_episodes
+from metassl.data.episodes import Episode, check_int
 from metassl.errors import DataError
-from metassl.generate.record import EpisodeRecord
+from metassl.generate.record import EpisodeRecord, RecordSource, make_record
 from metassl.ssl import views
 
 SEED_LIMIT = 2**32  # run seeds are below this, so episode_seed() is exact
@@ -50,7 +50,7 @@ def check_pool(images: object) -> torch.Tensor:
     return images
 
 
-class AugmentEpisodes:
+class AugmentEpisodes(RecordSource):
     """UMTRA generator over an unlabelled pool: `record(i)`, `episode(i)`, `batch(start, count)`.
 
     `images` [M, C, H, W] float32 in [0, 1]; each episode has `n_way` classes with
@@ -96,25 +96,5 @@ class AugmentEpisodes:
             query_x=drawn[:, self.k_shot :].reshape(-1, *shape),
             query_y=torch.arange(self.n_way).repeat_interleave(self.n_query),
         )
-        ssl = views.ssl_views(base, self.augment, generator) if self.ssl_views else (None,) * 4
-        return EpisodeRecord(
-            episode_id=index,
-            generator="augment",
-            seed=episode_seed(self.seed, index),
-            episode=episode,
-            encoder_version=0,
-            ssl_x1=ssl[0],
-            ssl_x2=ssl[1],
-            rot_x=ssl[2],
-            rot_y=ssl[3],
-        )
-
-    def episode(self, index: int) -> Episode:
-        """Returns episode `index` (the `episode` of `record(index)`)."""
-        return self.record(index).episode
-
-    def batch(self, start: int, count: int) -> Episode:
-        """Returns episodes start..start+count-1 stacked: x [count, N*K, C, H, W], y [count, N*K]."""
-        start = check_int("start", start, 0)
-        count = check_int("count", count, 1)
-        return stack_episodes([self.episode(i) for i in range(start, start + count)])
+        ssl = views.ssl_views(base, self.augment, generator) if self.ssl_views else None
+        return make_record(index, "augment", episode_seed(self.seed, index), episode, 0, ssl)

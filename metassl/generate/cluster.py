@@ -27,10 +27,10 @@ from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_limits
 
 from metassl.config import AugmentConfig
-from metassl.data.episodes import Episode, check_int, stack_episodes
+from metassl.data.episodes import Episode, check_int
 from metassl.errors import DataError
 from metassl.generate.augment import check_pool, episode_seed
-from metassl.generate.record import EpisodeRecord
+from metassl.generate.record import EpisodeRecord, RecordSource, make_record
 from metassl.ssl import views
 
 EMBED_CHUNK = 1024  # images per call of an encoder
@@ -98,7 +98,7 @@ def eligible_clusters(labels: np.ndarray, clusters: int, min_size: int) -> list[
     return [rows for rows in groups if len(rows) >= min_size]
 
 
-class ClusterEpisodes:
+class ClusterEpisodes(RecordSource):
     """CACTUs generator over an unlabelled pool: `record(i)`, `episode(i)`, `batch(start, count)`.
 
     `images` [M, C, H, W] float32 in [0, 1]. `embed` maps images [B, C, H, W] to [B, D];
@@ -212,26 +212,6 @@ class ClusterEpisodes:
             query_x=shown[len(support) :],
             query_y=torch.arange(self.n_way).repeat_interleave(self.n_query),
         )
-        ssl = (views.ssl_views(source, self.ssl_augment, generator)
-               if self.ssl_views else (None,) * 4)
-        return EpisodeRecord(
-            episode_id=index,
-            generator="cluster",
-            seed=episode_seed(self.seed, index),
-            episode=episode,
-            encoder_version=self.encoder_version,
-            ssl_x1=ssl[0],
-            ssl_x2=ssl[1],
-            rot_x=ssl[2],
-            rot_y=ssl[3],
-        )
-
-    def episode(self, index: int) -> Episode:
-        """Returns episode `index` (the `episode` of `record(index)`)."""
-        return self.record(index).episode
-
-    def batch(self, start: int, count: int) -> Episode:
-        """Returns episodes start..start+count-1 stacked: x [count, N*K, C, H, W], y [count, N*K]."""
-        start = check_int("start", start, 0)
-        count = check_int("count", count, 1)
-        return stack_episodes([self.episode(i) for i in range(start, start + count)])
+        ssl = views.ssl_views(source, self.ssl_augment, generator) if self.ssl_views else None
+        return make_record(index, "cluster", episode_seed(self.seed, index), episode,
+                           self.encoder_version, ssl)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metassl.data.episodes import Episode
+from metassl.data.episodes import Episode, check_int, stack_episodes
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,3 +42,27 @@ class EpisodeRecord:
     @property
     def n_query(self) -> int:
         return len(self.episode.query_y) // self.n_way
+
+
+def make_record(episode_id: int, generator: str, seed: int, episode: Episode, encoder_version: int,
+                    ssl: tuple | None) -> EpisodeRecord:
+    """An EpisodeRecord, with `ssl` = `(x1, x2, rot_x, rot_y)` from `views.ssl_views` or None."""
+    x1, x2, rot_x, rot_y = ssl if ssl is not None else (None,) * 4
+    return EpisodeRecord(episode_id, generator, seed, episode, encoder_version, x1, x2, rot_x, rot_y)
+
+
+class RecordSource:
+    """Mixin for episode sources that define `record(i)`: adds `episode(i)` and `batch(start, count)`."""
+
+    def record(self, index: int) -> EpisodeRecord:
+        raise NotImplementedError
+
+    def episode(self, index: int) -> Episode:
+        """Returns episode `index` (the `episode` of `record(index)`)."""
+        return self.record(index).episode
+
+    def batch(self, start: int, count: int) -> Episode:
+        """Returns episodes start..start+count-1 stacked: x [count, N*K, C, H, W], y [count, N*K]."""
+        start = check_int("start", start, 0)
+        count = check_int("count", count, 1)
+        return stack_episodes([self.episode(i) for i in range(start, start + count)])

@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from metassl.data.episodes import Episode, check_int, stack_episodes
+from metassl.data.episodes import check_int
 from metassl.errors import DataError
-from metassl.generate.record import EpisodeRecord
+from metassl.generate.record import EpisodeRecord, RecordSource
 from metassl.generate.schema import (
     SCALAR_COLUMNS, SCHEMA_VERSION, from_record_batch, to_record_batch,
 )
@@ -307,7 +307,7 @@ def iter_shards(
         yield from read_shard(fs, path, uri, entry, verify)
 
 
-class ShardEpisodes:
+class ShardEpisodes(RecordSource):
     """An episode source over a shard dataset, like the live generators: `record(i)`,
     `episode(i)`, `batch(start, count)` and `len()`.
 
@@ -346,16 +346,6 @@ class ShardEpisodes:
             entry = self.manifest["shards"][shard]
             self._cached = (shard, read_shard(self.fs, self.path, self.uri, entry, self.verify))
         return self._cached[1][index - self._starts[shard]]
-
-    def episode(self, index: int) -> Episode:
-        """Returns episode `index`: tensors as documented on Episode."""
-        return self.record(index).episode
-
-    def batch(self, start: int, count: int) -> Episode:
-        """Returns episodes start..start+count-1 stacked along a leading [tasks] dimension."""
-        start = check_int("start", start, 0)
-        count = check_int("count", count, 1)
-        return stack_episodes([self.episode(i) for i in range(start, start + count)])
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
