@@ -143,7 +143,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     opt, sched = make_optimizer(cfg, all_params)
     check_resumable(cfg, run_dir)
 
-    start, best, history, losses = 0, None, [], []
+    start, best, history, losses, resumes = 0, None, [], [], []
     resumed = ctx.resume_state(run_dir)
     if resumed is not None:
         state, name = resumed
@@ -159,6 +159,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
         torch.set_rng_state(state["torch_rng"])
         start, best = state["step"], state.get("best_val")
         history, losses = list(state.get("val_history", [])), list(state.get("loss_history", []))
+        resumes = list(state.get("resumed_at", [])) + [start]
         if lead:
             log(f"resuming {run_dir} from {name} (step {start})")
 
@@ -204,7 +205,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
             "head_params": {k: v.detach() for k, v in head_params.items()},
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
-            "loss_history": losses,
+            "loss_history": losses, "resumed_at": resumes,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
         })
         if is_best or not checkpoint.best_path(run_dir).exists():
@@ -278,6 +279,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     writer.flush()
     result = final_evaluation(cfg, run_dir, learner, model, log)
     result.update({"steps": step, "best_val": best, "val_history": history, "loss_history": losses,
+                   "resumed_at": resumes,
                    "train_minutes": (time.perf_counter() - progress.t0) / 60})
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     writer.add_scalar("test/" + result["test"]["metric"], result["test"]["mean"], step)

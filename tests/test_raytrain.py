@@ -59,19 +59,20 @@ def test_worker_killed_mid_run_is_replaced_and_the_run_finishes(tmp_path):
     killer = threading.Thread(target=kill_one_worker_after_a_checkpoint)
     killer.start()
     lines = []
-    result = run_ray(_cfg("train.max_failures=2", steps=40), run, workers=2, log=lines.append)
+    result = run_ray(_cfg("train.max_failures=2", steps=12), run, workers=2, log=lines.append)
     killer.join()
     assert killed, "no train worker process was found to kill"
-    assert result["steps"] == 40
-    history = json.loads((run / "result.json").read_text())["loss_history"]
-    assert history[-1][0] == 40
+    assert result["steps"] == 12
+    saved = json.loads((run / "result.json").read_text())
+    assert saved["loss_history"][-1][0] == 12
+    assert saved["resumed_at"] and saved["resumed_at"][0] >= 4  # continued from a checkpoint, not step 0
 
 
 def test_rerunning_the_same_command_resumes_and_ends_at_the_same_step(tmp_path):
     run = tmp_path / "run"
     run_ray(_cfg(steps=2), run, workers=1, log=_quiet)  # "interrupted" after its checkpoint at step 2
     result = run_ray(_cfg(steps=4), run, workers=1, log=_quiet)
-    assert result["steps"] == 4
+    assert result["steps"] == 4 and result["resumed_at"] == [2]
     whole = run_local(_cfg(steps=4), tmp_path / "whole", log=_quiet)
     a = checkpoint.load(checkpoint.step_path(run, 4))["params"]
     b = checkpoint.load(checkpoint.step_path(tmp_path / "whole", 4))["params"]

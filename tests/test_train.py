@@ -47,6 +47,7 @@ def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     lines = []
     run_local(tiny(steps=10), tmp_path / "split", log=lines.append)
     assert any("resuming" in line and "step 5" in line for line in lines)
+    assert json.loads((tmp_path / "split" / "result.json").read_text())["resumed_at"] == [5]
     a = checkpoint.load(checkpoint.step_path(tmp_path / "whole", 10))
     b = checkpoint.load(checkpoint.step_path(tmp_path / "split", 10))
     for k in a["params"]:
