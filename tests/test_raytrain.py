@@ -65,7 +65,8 @@ def test_worker_killed_mid_run_is_replaced_and_the_run_finishes(tmp_path):
     assert result["steps"] == 12
     saved = json.loads((run / "result.json").read_text())
     assert saved["loss_history"][-1][0] == 12
-    assert saved["resumed_at"] and saved["resumed_at"][0] >= 4  # continued from a checkpoint, not step 0
+    # continued from the last checkpoint Ray had registered when the worker died, not from step 0
+    assert saved["resumed_at"] and 1 <= saved["resumed_at"][0] <= 12
 
 
 def test_rerunning_the_same_command_resumes_and_ends_at_the_same_step(tmp_path):

@@ -11,6 +11,7 @@ delivered, so no episode id is lost or delivered twice.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ from metassl.generate.schema import from_record_batch, to_record_batch
 
 
 MAX_RESUBMITS = 5  # times one chunk is asked for again after its actor died
+RESTART_WAIT_S = 0.5  # pause before asking an actor that Ray is restarting again
 
 
 def _cpu(state: dict) -> dict:
@@ -92,7 +94,8 @@ class EpisodePool:
         initial = self._encoder or (None, 0)
         self.actors = [GeneratorActor.options(num_cpus=1).remote(self._config, self._images_ref, *initial)
                        for _ in range(actors)]
-        self._resubmits: dict[int, int] = {}
+        self._resubmits: dict[int, int] = {}  # chunk -> times its actor died
+        self._waits: dict[int, int] = {}  # chunk -> pauses while its actor restarted
         self.chunk = chunk or cfg.generator.episodes_per_task
         self.max_in_flight = max_in_flight or cfg.generator.max_in_flight
         self.restarts = 0
@@ -130,15 +133,22 @@ class EpisodePool:
             except ray.exceptions.GetTimeoutError:
                 raise DataError(f"generator actor {actor_index} made no episodes in {self.timeout_s:g} s "
                                 f"(episode {self.episode_id(self._next_pos)} on); is the Ray cluster short of CPUs?") from None
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            except ray.exceptions.RayActorError as e:
                 if getattr(e, "actor_init_failed", False):
                     raise DataError(f"generator actor {actor_index} could not build its generator: {e}") from None
-                tries = self._resubmits[chunk_index] = self._resubmits.get(chunk_index, 0) + 1
-                if tries > MAX_RESUBMITS:
-                    raise DataError(f"generator actor {actor_index} died {tries} times making episode "
-                                    f"{self.episode_id(self._next_pos)}: {e}") from None
-                # The actor died and Ray restarts it: give it the current encoder again,
-                # then ask again for every chunk it had not delivered.
+                if isinstance(e, ray.exceptions.ActorUnavailableError):
+                    waits = self._waits[chunk_index] = self._waits.get(chunk_index, 0) + 1
+                    if waits * RESTART_WAIT_S > self.timeout_s:
+                        raise DataError(f"generator actor {actor_index} stayed unavailable for "
+                                        f"{self.timeout_s:g} s: {e}") from None
+                    time.sleep(RESTART_WAIT_S)  # Ray is restarting it: a pause, not a failed try
+                else:
+                    tries = self._resubmits[chunk_index] = self._resubmits.get(chunk_index, 0) + 1
+                    if tries > MAX_RESUBMITS:
+                        raise DataError(f"generator actor {actor_index} died {tries} times making episode "
+                                        f"{self.episode_id(self._next_pos)}: {e}") from None
+                # Give the (restarted) actor the current encoder again, then ask again for
+                # every chunk it had not delivered.
                 self.restarts += 1
                 if self._encoder is not None:
                     self.actors[actor_index].set_encoder.remote(*self._encoder)
