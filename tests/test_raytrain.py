@@ -38,9 +38,14 @@ def test_two_workers_match_one_process_on_the_same_episodes(tmp_path):
     assert json.loads((tmp_path / "two" / "result.json").read_text())["steps"] == 3
 
 
+def _pgrep(*args):
+    return [int(p) for p in subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()]
+
+
 def _train_worker_pids():
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """Train worker processes of this test session's Ray instance (children of its raylet)."""
+    raylets = _pgrep("-f", f"raylet.*{os.environ['RAY_TMPDIR']}")
+    return [pid for raylet in raylets for pid in _pgrep("-P", str(raylet), "-f", "RayTrainWorker")]
 
 
 def test_worker_killed_mid_run_is_replaced_and_the_run_finishes(tmp_path):
