@@ -29,9 +29,7 @@ def features(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor)
     body = getattr(model, "features", None)
     if body is None or getattr(model, "head", None) is None:
         return forward(model, params, buffers, x)
-    strip = len("features.")
-    return forward(body, {k[strip:]: v for k, v in params.items() if k.startswith("features.")},
-                   {k[strip:]: v for k, v in buffers.items() if k.startswith("features.")}, x)
+    return forward(body, _sub(params, "features."), _sub(buffers, "features."), x)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metassl.config import Config
+from metassl.config import CHOICES, Config
 from metassl.data import EpisodeSampler, SinusoidTasks, load_split
 from metassl.errors import ConfigError
 from metassl.meta import MAML, MatchingNet, ProtoNet, Reptile
@@ -26,7 +26,7 @@ def build_learner(cfg: Config):
         return ProtoNet()
     if lc.name == "matchingnet":
         return MatchingNet(lc.matching_scale)
-    raise ConfigError(f"learner.name={lc.name!r} is not one of ['maml', 'fomaml', 'reptile', 'protonet', 'matchingnet']")
+    raise ConfigError(f"learner.name={lc.name!r} is not one of {list(CHOICES['learner.name'])}")
 
 
 def is_regression(cfg: Config) -> bool:

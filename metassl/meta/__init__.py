@@ -11,7 +11,5 @@ from metassl.meta.matchingnet import MatchingNet
 from metassl.meta.protonet import ProtoNet
 from metassl.meta.reptile import Reptile
 
-LEARNERS = ("maml", "fomaml", "reptile", "protonet", "matchingnet")
-
-__all__ = ["LEARNERS", "MAML", "MatchingNet", "MetaOutput", "Params", "ProtoNet", "Reptile",
+__all__ = ["MAML", "MatchingNet", "MetaOutput", "Params", "ProtoNet", "Reptile",
            "adapt", "detached", "forward"]
