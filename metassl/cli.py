@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,9 +64,10 @@ def _generate(args) -> int:
         raise config.ConfigError("generator.kind='labelled' samples true classes; set generator.kind "
                                  "to 'augment' or 'cluster' to generate episodes")
     images = load_unlabelled(cfg)
-    if cfg.generator.actors > 0:
+    actors = cfg.generator.actors if cfg.generator.actors >= 0 else os.cpu_count() or 1  # auto: one per CPU
+    if actors > 0:
         from metassl.generate.pool import EpisodePool
-        source = EpisodePool(cfg, images, actors=cfg.generator.actors, start=args.start)
+        source = EpisodePool(cfg, images, actors=actors, start=args.start)
         make = source.records
     else:
         source = build_generator(cfg, images)

@@ -120,9 +120,13 @@ class GeneratorConfig:
     """Where training episodes come from when labels are not used."""
 
     kind: str = "labelled"  # labelled (sampler over true classes) | augment (UMTRA) | cluster (CACTUs)
-    actors: int = 0  # Ray generator actors per training process (0: generate in the training process)
-    max_in_flight: int = 8  # episode batches requested but not yet consumed (backpressure)
-    episodes_per_task: int = 4  # episodes one actor call makes
+    # Ray generator actors per training process; 0: generate in the training process;
+    # -1 (auto): `train --backend ray` gives each worker an equal share of the CPUs left
+    # after the training workers (at least 1), `generate` uses one actor per CPU, and
+    # `train --backend local` generates in process.
+    actors: int = -1
+    max_in_flight: int = 4  # chunks requested but not yet consumed (backpressure)
+    episodes_per_task: int = 32  # episodes one actor call makes (a chunk)
     clusters: int = 200  # cluster: k of k-means
     partitions: int = 5  # cluster: k-means runs with different seeds (P partitions)
     encoder: str = "pca"  # cluster: pca (fixed, on pixels) | model (the network being meta-trained)
@@ -186,7 +190,7 @@ POSITIVE = [
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
-                "generator.actors", "generator.refresh_every", "objective.ssl_weight", "objective.simclr",
+                "generator.refresh_every", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures"]
 
 
@@ -207,6 +211,8 @@ def _validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    if cfg.generator.actors < -1:
+        raise ConfigError(f"generator.actors={cfg.generator.actors} must be >= 0, or -1 for auto")
     if cfg.episodes.n_way < 2:
         raise ConfigError(f"episodes.n_way={cfg.episodes.n_way} must be >= 2")
     for key in ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.inner_steps"):
@@ -248,6 +254,17 @@ def _validate(cfg: Config) -> None:
     if regression and cfg.learner.name not in ("maml", "fomaml", "reptile"):
         raise ConfigError(f"learner.name={cfg.learner.name!r} classifies; sinusoid regression needs "
                           "maml, fomaml or reptile")
+
+
+def actors_per_worker(requested: int, workers: int, cpus: float) -> int:
+    """`generator.actors` for each of `workers` training workers on a cluster with `cpus` CPUs.
+
+    `requested` >= 0 is kept; -1 (auto) gives each worker an equal share of the CPUs
+    left after the workers' own (one each), at least 1.
+    """
+    if requested >= 0:
+        return requested
+    return max(1, (int(cpus) - workers) // workers)
 
 
 # --- loading -------------------------------------------------------------------------

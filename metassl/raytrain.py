@@ -23,7 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from metassl import checkpoint
-from metassl.config import Config, from_dict, to_dict
+from metassl.config import Config, actors_per_worker, from_dict, to_dict
 from metassl.errors import ConfigError, MetasslError
 from metassl.train import check_data, check_resumable, train_loop
 
@@ -36,9 +36,10 @@ _FAST_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 class RayContext:
     """A Ray Train worker's view: its rank, the last reported checkpoint, and `ray.train.report`."""
 
-    def __init__(self):
+    def __init__(self, generator_actors: int = 0):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.generator_actors = generator_actors  # this worker's episode-generating actors
 
     def resume_state(self, run_dir: Path) -> tuple[dict, str] | None:
         ckpt = ray.train.get_checkpoint()
@@ -61,7 +62,8 @@ def _worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     if not cfg.train.threads:
         torch.set_num_threads(loop_config["threads_per_worker"])
-    train_loop(cfg, Path(loop_config["run_dir"]), RayContext(), log=lambda line: print(line, flush=True))
+    train_loop(cfg, Path(loop_config["run_dir"]), RayContext(loop_config["generator_actors"]),
+               log=lambda line: print(line, flush=True))
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -87,13 +89,20 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     run_dir = Path(run_dir).resolve()
     check_resumable(cfg, run_dir)
     check_data(cfg)  # a bad dataset fails here, not three times inside the workers
-    # Each worker needs one CPU, plus one per generator actor it starts; logical CPUs may
-    # exceed the cores (the actors mostly wait on backpressure).
-    needed = workers * (1 + max(cfg.generator.actors, 0))
-    init_ray(address, num_cpus=max(os.cpu_count() or 1, needed))
+    # Each worker needs one CPU, plus one per generator actor it starts; on a local
+    # instance logical CPUs may exceed the cores (the actors mostly wait on backpressure).
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        init_ray(address)
+        cpus = ray.cluster_resources().get("CPU", 0)
+    else:
+        cpus = os.cpu_count() or 1
+    generates = cfg.generator.kind != "labelled" and not cfg.generator.shards
+    actors = actors_per_worker(cfg.generator.actors, workers, cpus) if generates else 0
+    init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)))
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir),
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "generator_actors": actors,
                            "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(

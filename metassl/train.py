@@ -25,7 +25,9 @@ from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
 from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
 
 # Sections that may change between a run and its resume (length, logging, evaluation).
-_RESUMABLE_CHANGES = ("train", "eval")
+_RESUMABLE_CHANGES = ("train", "eval")  # sections a resumed run may change
+# Settings that change how episodes are made, never which: a resumed run may change them.
+_RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task")
 
 
 def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> None:
@@ -41,7 +43,7 @@ def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> No
         saved = yaml.safe_load(path.read_text()) or {}
     new = to_dict(cfg)
     changed = [f"{s}.{k}" for s in new if s not in _RESUMABLE_CHANGES and isinstance(new[s], dict)
-               for k in new[s] if saved.get(s, {}).get(k) != new[s][k]]
+               for k in new[s] if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in _RESUMABLE_KEYS]
     changed += [s for s in new if not isinstance(new[s], dict) and saved.get(s) != new[s]]
     if changed:
         raise ConfigError(f"run directory {str(run_dir)!r} holds a run with a different config "
@@ -93,6 +95,10 @@ class LocalContext:
 
     rank, world = 0, 1
 
+    def __init__(self, generator_actors: int = 0):
+        # generator.actors -1 (auto) generates in this process
+        self.generator_actors = generator_actors
+
     def resume_state(self, run_dir: Path) -> tuple[dict, str] | None:
         path = checkpoint.latest(run_dir)
         return (checkpoint.load(path), path.name) if path is not None else None
@@ -120,7 +126,7 @@ class Progress:
 
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
-    return train_loop(cfg, Path(run_dir), LocalContext(), log)
+    return train_loop(cfg, Path(run_dir), LocalContext(max(cfg.generator.actors, 0)), log)
 
 
 def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
@@ -174,7 +180,8 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     if refresh:
         saved = resumed[0].get("encoder") if resumed is not None else None
         encoder = (saved["weights"], saved["version"]) if saved else (_weights(params, buffers), 1)
-    train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder)
+    train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder,
+                                 actors=ctx.generator_actors)
     writer = None
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def test_eval_errors(trained_run, tmp_path, capsys):
 
 def test_generate_shards_then_train_from_them(tmp_path, capsys):
     out = tmp_path / "shards"
-    gen = ["--set", "generator.kind=augment", "--set", "episodes.n_query=2"]
+    gen = ["--set", "generator.kind=augment", "--set", "episodes.n_query=2", "--set", "generator.actors=0"]
     assert main(["generate", "experiments/digits_protonet.yaml", "--out", str(out), "--episodes", "10",
                  "--episodes-per-shard", "4", *gen]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -94,7 +94,7 @@ def test_generate_shards_then_train_from_them(tmp_path, capsys):
 def test_shards_that_do_not_fit_the_config_are_refused(tmp_path, capsys):
     out = tmp_path / "shards"
     assert main(["generate", "experiments/digits_protonet.yaml", "--out", str(out), "--episodes", "4",
-                 "--set", "generator.kind=augment", "--set", "episodes.n_query=2"]) == 0
+                 "--set", "generator.kind=augment", "--set", "episodes.n_query=2", "--set", "generator.actors=0"]) == 0
     assert main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(tmp_path / "run"), *TINY,
                  "--set", f"generator.shards={out}", "--set", "episodes.n_query=3"]) == 2
     assert "2-query" in capsys.readouterr().err

@@ -54,3 +54,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list")
     with pytest.raises(ConfigError, match="mapping"):
         config.load(bad)
+
+
+def test_auto_generator_actors_share_the_cpus_left_after_the_workers():
+    assert config.load(None).generator.actors == -1  # auto by default
+    assert config.actors_per_worker(-1, workers=2, cpus=2) == 1  # none left: still 1 each
+    assert config.actors_per_worker(-1, workers=2, cpus=8) == 3
+    assert config.actors_per_worker(-1, workers=1, cpus=16) == 15
+    assert config.actors_per_worker(0, workers=2, cpus=8) == 0  # an explicit number is kept
+    with pytest.raises(ConfigError, match="generator.actors=-2"):
+        config.load(None, ["generator.actors=-2"])

@@ -36,13 +36,14 @@ class TrainingSource:
 
     `generator.kind: labelled` samples true classes; `augment`/`cluster` generate
     pseudo-labelled episodes from the unlabelled train images, in this process
-    (`generator.actors: 0`) or on Ray actors (`actors: N`); `generator.shards` (when
+    (`actors` 0) or on `actors` Ray actors (the driver resolves `generator.actors`; None:
+    take it from the config, auto meaning in process); `generator.shards` (when
     set) replays episodes written by `metassl generate`. `encoder` = (weights, version)
     starts a cluster generator on the model's embedding.
     """
 
     def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1,
-                 encoder: tuple[dict, int] | None = None):
+                 encoder: tuple[dict, int] | None = None, actors: int | None = None):
         from metassl.registry import build_generator, build_sampler, load_unlabelled
 
         self.cfg, self.pool, self.generator = cfg, None, None
@@ -62,11 +63,12 @@ class TrainingSource:
                                          n_query=ep.n_query, seed=cfg.seed)
             return
         images = load_unlabelled(cfg)
-        if g.actors == 0:
+        actors = max(g.actors, 0) if actors is None else actors
+        if actors == 0:
             self.generator = build_generator(cfg, images, encoder)
         else:
             from metassl.generate.pool import EpisodePool
-            self.pool = EpisodePool(cfg, images, actors=g.actors, start=start_step * self.per,
+            self.pool = EpisodePool(cfg, images, actors=actors, start=start_step * self.per,
                                     episode_id=self.episode_id, encoder=encoder)
 
     def episode_id(self, position: int) -> int:
