@@ -58,6 +58,7 @@ class LearnerConfig:
     eval_inner_steps: int = 3  # inner steps at evaluation
     first_order: bool = False  # MAML without second-order terms (implied by fomaml)
     vectorize: bool = False  # MAML: vmap over the tasks of a meta-batch instead of a loop
+    learn_inner_lr: bool = False  # MAML: Meta-SGD, a learned step size per weight (starting at inner_lr)
     matching_scale: float = 1.0  # Matching Nets: cosine similarities are multiplied by this
 
 
@@ -94,6 +95,8 @@ class TrainConfig:
     checkpoint_every: int = 250  # save a checkpoint every this many steps
     keep_checkpoints: int = 3  # keep the last k step checkpoints (plus best.pt)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    # auto: one GPU per worker when there are enough (NCCL on Ray), else CPU (gloo) | cpu | cuda
+    device: str = "auto"
     max_failures: int = 2  # Ray backend: worker failures to recover from (from the last checkpoint)
     max_minutes: float = 0.0  # stop early (then validate, save, evaluate) after this wall time; 0: no limit
     pretrain_baseline_steps: int = 5000  # sinusoid: steps of the pretrained-on-all-tasks baseline
@@ -132,6 +135,10 @@ class GeneratorConfig:
     encoder: str = "pca"  # cluster: pca (fixed, on pixels) | model (the network being meta-trained)
     embedding_dim: int = 64  # cluster: PCA components
     refresh_every: int = 0  # cluster with encoder=model: publish new encoder weights every M steps (0: never)
+    # cluster with encoder=model: make augment (UMTRA) episodes for the first W steps, then
+    # cluster the embedding of the network trained so far (0: cluster from step 0)
+    warmup_steps: int = 0
+    cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
     shards: str | None = None  # train on episodes written by `metassl generate` (path or URI) instead
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -180,6 +187,7 @@ CHOICES = {
     "eval.split": ("train", "val", "test"),
     "generator.kind": ("labelled", "augment", "cluster"),
     "generator.encoder": ("pca", "model"),
+    "train.device": ("auto", "cpu", "cuda"),
 }
 POSITIVE = [
     "learner.inner_lr", "optim.outer_lr", "episodes.k_shot", "episodes.n_query", "episodes.meta_batch",
@@ -190,7 +198,7 @@ POSITIVE = [
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
-                "generator.refresh_every", "objective.ssl_weight", "objective.simclr",
+                "generator.refresh_every", "generator.warmup_steps", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures"]
 
 
@@ -213,6 +221,13 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if cfg.generator.actors < -1:
         raise ConfigError(f"generator.actors={cfg.generator.actors} must be >= 0, or -1 for auto")
+    g = cfg.generator
+    if g.warmup_steps and not (g.kind == "cluster" and g.encoder == "model"):
+        raise ConfigError(f"generator.warmup_steps={g.warmup_steps} needs generator.kind='cluster' with "
+                          "encoder='model' (it delays clustering the model's embedding)")
+    if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
+        raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
+                          f"got {cfg.learner.name!r}")
     if cfg.episodes.n_way < 2:
         raise ConfigError(f"episodes.n_way={cfg.episodes.n_way} must be >= 2")
     for key in ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.inner_steps"):

@@ -17,6 +17,13 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _device() -> torch.device:
+    """Where collectives take their tensors: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def average_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Return the element-wise mean of `grads` over all workers (one flat all-reduce)."""
     _, size = world()
@@ -38,7 +45,7 @@ def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if size == 1 or not metrics:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: float(v) / size for k, v in zip(keys, t)}
 
@@ -57,7 +64,7 @@ def any_true(flag: bool) -> bool:
     _, size = world()
     if size == 1:
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from metassl.config import Config
 from metassl.errors import DataError
-from metassl.meta.functional import Params, adapt, detached, forward
+from metassl.meta.functional import Params, adapt, detached, forward, split_inner_lr
 from metassl.models import is_transductive
 
 
@@ -57,8 +57,9 @@ def episode_accuracies(learner, model: nn.Module, params: Params, buffers: Param
     model.eval()
     try:
         accs = np.empty(episodes)
+        device = next(iter(params.values())).device
         for i in range(episodes):
-            ep = sampler.episode(i)
+            ep = sampler.episode(i).to(device)
             out = learner.predict(model, params, buffers, ep, inner_steps)
             accs[i] = float((out.argmax(-1) == ep.query_y).float().mean())
         return accs
@@ -70,11 +71,15 @@ def episode_mse(model: nn.Module, params: Params, buffers: Params, tasks, episod
                 inner_lr: float, steps: int) -> np.ndarray:
     """Return each task's query MSE after `steps` SGD steps on its support set (sinusoid)."""
     errs = np.empty(episodes)
+    params, lr = split_inner_lr(params, inner_lr)  # Meta-SGD models carry their own step sizes
+    if isinstance(lr, dict):
+        lr = {k: v.detach() for k, v in lr.items()}
+    device = next(iter(params.values())).device
     for i in range(episodes):
-        ep = tasks.episode(i)
+        ep = tasks.episode(i).to(device)
         with torch.enable_grad():
             adapted = adapt(model, detached(params), buffers, ep.support_x, ep.support_y,
-                            inner_lr=inner_lr, steps=steps, first_order=True)
+                            inner_lr=lr, steps=steps, first_order=True)
         with torch.no_grad():
             errs[i] = float(F.mse_loss(forward(model, adapted, buffers, ep.query_x), ep.query_y))
     return errs

@@ -36,10 +36,12 @@ _FAST_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 class RayContext:
     """A Ray Train worker's view: its rank, the last reported checkpoint, and `ray.train.report`."""
 
-    def __init__(self, generator_actors: int = 0):
+    def __init__(self, generator_actors: int = 0, use_gpu: bool = False):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.generator_actors = generator_actors  # this worker's episode-generating actors
+        # the GPU Ray assigned to this worker (NCCL process group), else the CPU (gloo)
+        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def resume_state(self, run_dir: Path) -> tuple[dict, str] | None:
         ckpt = ray.train.get_checkpoint()
@@ -62,7 +64,8 @@ def _worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     if not cfg.train.threads:
         torch.set_num_threads(loop_config["threads_per_worker"])
-    train_loop(cfg, Path(loop_config["run_dir"]), RayContext(loop_config["generator_actors"]),
+    ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"])
+    train_loop(cfg, Path(loop_config["run_dir"]), ctx,
                log=lambda line: print(line, flush=True))
 
 
@@ -100,11 +103,14 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     generates = cfg.generator.kind != "labelled" and not cfg.generator.shards
     actors = actors_per_worker(cfg.generator.actors, workers, cpus) if generates else 0
     init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)))
+    use_gpu = _use_gpu(cfg.train.device, workers, ray.cluster_resources().get("GPU", 0))
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "generator_actors": actors,
+                           "use_gpu": use_gpu,
                            "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        # With use_gpu each worker also gets one GPU and the process group uses NCCL.
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -120,6 +126,14 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     if not result_file.is_file():
         raise MetasslError(f"training on Ray finished without writing {result_file}")
     return json.loads(result_file.read_text())
+
+
+def _use_gpu(setting: str, workers: int, gpus: float) -> bool:
+    """Whether each of `workers` gets a GPU: `train.device` auto asks for one when the cluster has enough."""
+    if setting == "cuda" and gpus < workers:
+        raise ConfigError(f"train.device='cuda' with --workers={workers} needs {workers} GPUs; "
+                          f"the Ray cluster has {gpus:g}")
+    return setting == "cuda" or (setting == "auto" and gpus >= workers)
 
 
 def _root_cause(error: BaseException) -> str:

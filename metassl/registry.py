@@ -19,7 +19,8 @@ def build_learner(cfg: Config):
     lc = cfg.learner
     if lc.name in ("maml", "fomaml"):
         return MAML(lc.inner_lr, lc.inner_steps, first_order=lc.first_order or lc.name == "fomaml",
-                    eval_inner_steps=lc.eval_inner_steps, vectorize=lc.vectorize)
+                    eval_inner_steps=lc.eval_inner_steps, vectorize=lc.vectorize,
+                    learn_inner_lr=lc.learn_inner_lr)
     if lc.name == "reptile":
         return Reptile(lc.inner_lr, lc.inner_steps, eval_inner_steps=lc.eval_inner_steps)
     if lc.name == "protonet":
@@ -73,7 +74,7 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
     features (`generator.encoder: model`) from the start.
     """
     from metassl.generate.augment import AugmentEpisodes
-    from metassl.generate.cluster import ClusterEpisodes
+    from metassl.generate.cluster import ClusterEpisodes, WarmStartEpisodes
 
     g, ep = cfg.generator, cfg.episodes
     seed = cfg.seed
@@ -81,11 +82,20 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
         return AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment, seed=seed,
                                ssl_views=g.ssl_views)
     if g.kind == "cluster":
+        def make_cluster(embed, version):
+            return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
+                                   partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
+                                   augment=g.augment if g.cluster_views else None, ssl_views=g.ssl_views,
+                                   ssl_augment=g.augment, encoder_version=version)
+
         embed, version = (model_embedder(cfg, encoder[0]), encoder[1]) if encoder else (None, 0)
-        return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
-                               partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
-                               augment=None, ssl_views=g.ssl_views, ssl_augment=g.augment,
-                               encoder_version=version)
+        if g.warmup_steps:  # augment episodes until the trainer publishes the network
+            warm = WarmStartEpisodes(AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment,
+                                                     seed=seed, ssl_views=g.ssl_views), make_cluster)
+            if encoder:
+                warm.set_encoder(embed, version)
+            return warm
+        return make_cluster(embed, version)
     raise ConfigError(f"generator.kind={g.kind!r} has no generator; valid: ['augment', 'cluster']")
 
 

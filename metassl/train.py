@@ -85,9 +85,33 @@ def make_optimizer(cfg: Config, params):
     return opt, sched
 
 
+def _extra_params(learner, weights: dict) -> dict:
+    """Outer-loop parameters a learner adds to the model's (Meta-SGD step sizes), detached."""
+    extra = getattr(learner, "extra_params", None)
+    return {k: v.detach().clone() for k, v in extra(weights).items()} if extra else {}
+
+
 def _weights(params: dict, buffers: dict) -> dict:
     """Detached copies of a model's parameters and buffers (what an encoder refresh sends)."""
-    return {k: v.detach().clone() for k, v in {**params, **buffers}.items()}
+    return {k: v.detach().cpu().clone() for k, v in {**params, **buffers}.items()}
+
+
+def local_device(setting: str) -> torch.device:
+    """The device `train.device` names in this process: auto is the first GPU when there is one."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but torch sees no CUDA GPU here; use 'auto' or 'cpu'")
+    return torch.device("cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _cpu(obj):
+    """`obj` (tensors in dicts, lists and tuples) with every tensor on the CPU: what checkpoints store."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 class LocalContext:
@@ -95,9 +119,10 @@ class LocalContext:
 
     rank, world = 0, 1
 
-    def __init__(self, generator_actors: int = 0):
+    def __init__(self, generator_actors: int = 0, device: torch.device | str = "cpu"):
         # generator.actors -1 (auto) generates in this process
         self.generator_actors = generator_actors
+        self.device = torch.device(device)
 
     def resume_state(self, run_dir: Path) -> tuple[dict, str] | None:
         path = checkpoint.latest(run_dir)
@@ -126,7 +151,8 @@ class Progress:
 
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
-    return train_loop(cfg, Path(run_dir), LocalContext(max(cfg.generator.actors, 0)), log)
+    ctx = LocalContext(max(cfg.generator.actors, 0), local_device(cfg.train.device))
+    return train_loop(cfg, Path(run_dir), ctx, log)
 
 
 def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
@@ -138,11 +164,14 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
         torch.set_num_threads(cfg.train.threads)
     learner = build_learner(cfg)
     model = build_backbone(cfg, learner)
-    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    params.update(_extra_params(learner, params))  # Meta-SGD step sizes are outer-loop parameters too
+    device = ctx.device  # the module stays on the CPU: only these dicts go to the device
+    params = {k: v.to(device).requires_grad_() for k, v in params.items()}
+    buffers = {k: v.detach().clone().to(device) for k, v in model.named_buffers()}
     use_ssl = cfg.objective.ssl_weight > 0
     heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim)
-    head_params = ({k: v.detach().clone().requires_grad_() for k, v in heads.named_parameters()}
+    head_params = ({k: v.detach().clone().to(device).requires_grad_() for k, v in heads.named_parameters()}
                    if use_ssl else {})
     ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature)
     all_params = list(params.values()) + list(head_params.values())
@@ -157,7 +186,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
         with torch.no_grad():
             for k, v in {**state["params"], **state.get("head_params", {})}.items():
                 (params.get(k) if k in params else head_params[k]).copy_(v)
-        buffers.update(state["buffers"])
+        buffers.update({k: v.to(device) for k, v in state["buffers"].items()})
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
@@ -175,11 +204,16 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     val_tasks = build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
     # With `generator.encoder: model` the cluster generator embeds with the network being
     # meta-trained: version 1 is the initial network, a refresh after step s publishes s + 1.
-    refresh = cfg.generator.kind == "cluster" and cfg.generator.encoder == "model" and not cfg.generator.shards
+    # With `warmup_steps` W the first publish is after step W (augment episodes until then).
+    gen = cfg.generator
+    refresh = gen.kind == "cluster" and gen.encoder == "model" and not gen.shards
     encoder = None
     if refresh:
         saved = resumed[0].get("encoder") if resumed is not None else None
-        encoder = (saved["weights"], saved["version"]) if saved else (_weights(params, buffers), 1)
+        if saved:
+            encoder = (saved["weights"], saved["version"])
+        elif not gen.warmup_steps:
+            encoder = (_weights(params, buffers), 1)
     train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder,
                                  actors=ctx.generator_actors)
     writer = None
@@ -206,15 +240,14 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
         if is_best:
             best = val
         path = checkpoint.step_path(run_dir, step)
-        checkpoint.save(path, {
+        checkpoint.save(path, _cpu({
             "step": step, "config": to_dict(cfg),
-            "params": {k: v.detach() for k, v in params.items()}, "buffers": buffers,
-            "head_params": {k: v.detach() for k, v in head_params.items()},
+            "params": params, "buffers": buffers, "head_params": head_params,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
             "loss_history": losses, "resumed_at": resumes,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
-        })
+        }))
         if is_best or not checkpoint.best_path(run_dir).exists():
             checkpoint.mark_best(run_dir, path)
         checkpoint.prune(run_dir, cfg.train.keep_checkpoints)
@@ -224,9 +257,11 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     while step < cfg.train.steps:
         fetched = train_tasks.batch(step)
         window_wait += fetched.wait_s
-        out = learner.meta_step(model, params, buffers, fetched.episodes)
+        out = learner.meta_step(model, params, buffers, fetched.episodes.to(device))
         metrics = dict(out.metrics)
         views = fetched.ssl_views() if use_ssl else None
+        if views is not None:
+            views = tuple(v.to(device) for v in views)
         ssl = None
         if views is not None:
             ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights)
@@ -243,7 +278,9 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
         distributed.average_buffers_(buffers)  # running statistics stay the same on every worker
         step += 1
         window_steps += 1
-        if refresh and cfg.generator.refresh_every and step % cfg.generator.refresh_every == 0:
+        since = step - gen.warmup_steps
+        if refresh and ((gen.warmup_steps and since == 0)
+                        or (gen.refresh_every and since > 0 and since % gen.refresh_every == 0)):
             encoder = (_weights(params, buffers), step + 1)
             train_tasks.refresh_encoder(*encoder)
         out_of_time = distributed.any_true(time.perf_counter() > deadline)
@@ -326,6 +363,7 @@ def load_trained(path: str | Path):
     learner = build_learner(cfg)
     model = build_backbone(cfg, learner)
     expected = dict(model.named_parameters())
+    expected.update(_extra_params(learner, expected))
     if set(state["params"]) != set(expected) or any(
             state["params"][k].shape != v.shape for k, v in expected.items()):
         raise CheckpointError(f"checkpoint {str(path)!r}: parameters do not match the model its config builds")

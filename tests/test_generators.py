@@ -220,7 +220,7 @@ def test_cluster_augment_and_ssl(blob_generator):
     record = generator.record(2)
     _, _, support, _ = generator.episode_indices(2)
     assert not torch.equal(record.episode.support_x, pool[support])
-    assert record.ssl_x1.shape == record.rot_x.shape == (9, *pool.shape[1:])
+    assert record.ssl_x1.shape == record.rot_x.shape == (3, *pool.shape[1:])  # the support images
     assert torch.equal(generator.record(2).ssl_x2, record.ssl_x2)
 
 

@@ -171,3 +171,32 @@ def test_adapt_does_not_mutate_module():
     assert any(not torch.equal(adapted[k], params[k]) for k in params)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_meta_sgd_step_sizes_get_the_finite_difference_gradient():
+    model, batch = _tiny_mlp(), _regression_batch()
+    learner = MAML(inner_lr=0.1, inner_steps=2, learn_inner_lr=True)
+    weights = _params(model)
+    lrs = {k: v.detach().clone().requires_grad_() for k, v in learner.extra_params(weights).items()}
+    assert set(lrs) == {"inner_lr." + k for k in weights}
+    assert all(torch.all(v == 0.1) for v in lrs.values())
+    with torch.no_grad():  # distinct step sizes per weight
+        for v in lrs.values():
+            v.mul_(torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype).view_as(v))
+    params = {**weights, **lrs}
+    out = learner.meta_step(model, params, {}, batch)
+    analytic = torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, list(lrs.values()))])
+    h, numeric, i = 1e-6, [], 0
+    for k, v in lrs.items():
+        for j in range(v.numel()):
+            plus, minus = v.detach().clone(), v.detach().clone()
+            plus.view(-1)[j] += h
+            minus.view(-1)[j] -= h
+            f = [float(learner.meta_step(model, {**weights, **lrs, k: t}, {}, batch).loss) for t in (plus, minus)]
+            numeric.append((f[0] - f[1]) / (2 * h))
+    numeric = torch.tensor(numeric, dtype=analytic.dtype)
+    assert (analytic - numeric).norm() / numeric.norm() < 1e-4
+    # one shared step size of 0.1 everywhere is plain MAML
+    same = {**weights, **learner.extra_params(weights)}
+    plain = MAML(inner_lr=0.1, inner_steps=2).meta_step(model, weights, {}, batch)
+    assert torch.allclose(learner.meta_step(model, same, {}, batch).loss, plain.loss, atol=1e-12)

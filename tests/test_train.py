@@ -105,3 +105,46 @@ def test_each_learner_lowers_its_training_loss_on_digits(tmp_path, learner):
     losses = [loss for _, loss in result["loss_history"]]
     assert sum(losses[-6:]) < sum(losses[:6]), losses
     assert 0 <= result["test"]["mean"] <= 1
+
+
+def test_self_improving_loop_warms_up_on_augment_episodes_then_clusters_the_network(tmp_path):
+    cfg = tiny("generator.kind=cluster", "generator.encoder=model", "generator.warmup_steps=3",
+               "generator.refresh_every=2", "generator.clusters=20", "generator.partitions=1",
+               "generator.cluster_views=true", "generator.ssl_views=true", "objective.ssl_weight=0.5",
+               "episodes.n_query=2", "train.checkpoint_every=1", "train.keep_checkpoints=10", steps=6)
+    run_local(cfg, tmp_path, log=_quiet)
+    versions = [(checkpoint.load(checkpoint.step_path(tmp_path, s))["encoder"] or {}).get("version")
+                for s in range(1, 7)]
+    assert versions == [None, None, 4, 4, 6, 6]  # published after steps 3 and 5 as version step + 1
+
+
+def test_warmup_needs_a_model_encoder():
+    with pytest.raises(ConfigError, match="generator.warmup_steps=5 needs"):
+        tiny("generator.kind=augment", "generator.warmup_steps=5")
+
+
+def test_meta_sgd_learns_its_step_sizes_and_reloads(tmp_path):
+    cfg = tiny("learner.name=maml", "learner.learn_inner_lr=true", "learner.inner_lr=0.1",
+               "model.norm=layer", "learner.eval_inner_steps=1", steps=5)
+    run_local(cfg, tmp_path, log=_quiet)
+    _, learner, _, params, _, _ = load_trained(tmp_path)
+    lrs = {k: v for k, v in params.items() if k.startswith("inner_lr.")}
+    assert lrs and len(lrs) == len(params) // 2
+    assert any(not torch.allclose(v, torch.full_like(v, 0.1)) for v in lrs.values())  # learned
+    with pytest.raises(ConfigError, match="Meta-SGD"):
+        tiny("learner.name=protonet", "learner.learn_inner_lr=true")
+
+
+def test_device_settings():
+    from metassl.raytrain import _use_gpu
+    from metassl.train import local_device
+
+    assert local_device("cpu") == torch.device("cpu")
+    assert _use_gpu("auto", workers=2, gpus=2) and not _use_gpu("auto", workers=2, gpus=1)
+    assert not _use_gpu("cpu", workers=1, gpus=8)
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        _use_gpu("cuda", workers=2, gpus=1)
+    if not torch.cuda.is_available():
+        assert local_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            local_device("cuda")

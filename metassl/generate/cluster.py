@@ -106,7 +106,7 @@ class ClusterEpisodes(RecordSource):
     report `encoder_version` until `set_encoder` installs a newer encoder. k-means
     finds `clusters` clusters, `partitions` times. `augment` (None: raw images) draws a
     random view of every episode image; with `ssl_views`, records also carry SimCLR views
-    and rotated copies of the episode's images (drawn with `augment`, or the AugmentConfig
+    and rotated copies of the episode's support images (drawn with `augment`, or the AugmentConfig
     defaults when it is None).
     """
 
@@ -198,7 +198,8 @@ class ClusterEpisodes(RecordSource):
         """Returns episode `index` with its provenance (generator "cluster", the current encoder_version).
 
         Support [N*K, C, H, W] and query [N*Q, C, H, W] are label-major, labels 0..N-1.
-        SSL views (when enabled) are of the N*(K+Q) episode images, support rows first.
+        SSL views (when enabled) are of the N*K support images (with K = 1, one per
+        pseudo-class, as many as an augment episode has).
         """
         index = check_int("episode index", index, 0)
         _, _, support, query, view_seed = self._draw(index)
@@ -212,6 +213,36 @@ class ClusterEpisodes(RecordSource):
             query_x=shown[len(support) :],
             query_y=torch.arange(self.n_way).repeat_interleave(self.n_query),
         )
-        ssl = views.ssl_views(source, self.ssl_augment, generator) if self.ssl_views else None
+        ssl = views.ssl_views(source[: len(support)], self.ssl_augment, generator) if self.ssl_views else None
         return make_record(index, "cluster", episode_seed(self.seed, index), episode,
                            self.encoder_version, ssl)
+
+
+class WarmStartEpisodes(RecordSource):
+    """Augment (UMTRA) episodes until the first encoder arrives, then cluster episodes of its embedding.
+
+    The self-improving loop with a network that starts from random weights: clustering
+    its initial embedding gives pseudo-classes little better than clusters of pixels, so
+    the first `generator.warmup_steps` steps train on augment episodes (encoder version
+    0) and the trainer then publishes the network; `set_encoder` builds the cluster
+    generator on the first call and re-clusters on later ones. `make_cluster(embed, version)`
+    builds it. Episode i depends on (seed, i) and the encoder version, as before.
+    """
+
+    def __init__(self, augment: RecordSource, make_cluster: Callable[[Callable, int], ClusterEpisodes]):
+        self.augment = augment
+        self.make_cluster = make_cluster
+        self.cluster: ClusterEpisodes | None = None
+
+    @property
+    def encoder_version(self) -> int:
+        return self.cluster.encoder_version if self.cluster is not None else 0
+
+    def set_encoder(self, embed: Callable[[torch.Tensor], torch.Tensor], version: int) -> None:
+        if self.cluster is None:
+            self.cluster = self.make_cluster(embed, version)
+        else:
+            self.cluster.set_encoder(embed, version)
+
+    def record(self, index: int) -> EpisodeRecord:
+        return (self.cluster or self.augment).record(index)

@@ -12,8 +12,10 @@ from metassl.meta.functional import (
     accuracy,
     adapt,
     detached,
+    INNER_LR,
     forward,
     sgd_step,
+    split_inner_lr,
     task_loss,
 )
 
@@ -26,6 +28,10 @@ class MAML:
     the tasks of a meta-batch. `first_order=True` drops the second-order terms.
     `vectorize=True` maps the tasks with `torch.func.vmap` instead of a Python loop
     (needs a model without batch statistics that are tracked in place).
+    `learn_inner_lr=True` is Meta-SGD (Li et al. 2017): every weight has its own inner
+    step size, a tensor of its shape that starts at `inner_lr` and is learned in the
+    outer loop; `extra_params` makes them and they travel in the params dict as
+    `inner_lr.<name>`.
     """
 
     needs_head = True
@@ -37,23 +43,32 @@ class MAML:
         first_order: bool = False,
         eval_inner_steps: int | None = None,
         vectorize: bool = False,
+        learn_inner_lr: bool = False,
     ):
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.eval_inner_steps = eval_inner_steps if eval_inner_steps is not None else inner_steps
         self.vectorize = vectorize
+        self.learn_inner_lr = learn_inner_lr
+
+    def extra_params(self, weights: Params) -> Params:
+        """The outer-loop parameters this learner adds to the model's: Meta-SGD step sizes, or none."""
+        if not self.learn_inner_lr:
+            return {}
+        return {INNER_LR + k: torch.full_like(v, self.inner_lr) for k, v in weights.items()}
 
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query loss after adaptation over a batch `[tasks, ...]` of episodes."""
+        weights, lr = split_inner_lr(params, self.inner_lr)
         if self.vectorize:
-            losses, outputs = self._vmapped(model, params, buffers, batch)
+            losses, outputs = self._vmapped(model, weights, lr, buffers, batch)
         else:
             losses, outputs = [], []
             for t in range(batch.support_x.shape[0]):
                 adapted = adapt(
-                    model, params, buffers, batch.support_x[t], batch.support_y[t],
-                    inner_lr=self.inner_lr, steps=self.inner_steps, first_order=self.first_order,
+                    model, weights, buffers, batch.support_x[t], batch.support_y[t],
+                    inner_lr=lr, steps=self.inner_steps, first_order=self.first_order,
                 )
                 out = forward(model, adapted, buffers, batch.query_x[t])
                 losses.append(task_loss(out, batch.query_y[t]))
@@ -62,7 +77,7 @@ class MAML:
         loss = losses.mean()
         return MetaOutput(loss, _metrics(loss, outputs, batch.query_y))
 
-    def _vmapped(self, model, params, buffers, batch):
+    def _vmapped(self, model, params, lr, buffers, batch):
         def inner_loss(p, x, y):
             return task_loss(functional_call(model, (p, buffers), (x,)), y)
 
@@ -71,7 +86,7 @@ class MAML:
                 g = grad(inner_loss)(p, sx, sy)
                 if self.first_order:
                     g = {k: v.detach() for k, v in g.items()}
-                p = sgd_step(p, g, self.inner_lr)
+                p = sgd_step(p, g, lr)
             out = functional_call(model, (p, buffers), (qx,))
             return task_loss(out, qy), out
 
@@ -83,9 +98,12 @@ class MAML:
                 inner_steps: int | None = None) -> torch.Tensor:
         """Return query outputs `[n_query_total, out]` after adapting on the support set."""
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
+        weights, lr = split_inner_lr(params, self.inner_lr)
+        if isinstance(lr, dict):
+            lr = {k: v.detach() for k, v in lr.items()}
         with torch.enable_grad():
-            adapted = adapt(model, detached(params), buffers, episode.support_x, episode.support_y,
-                            inner_lr=self.inner_lr, steps=steps, first_order=True)
+            adapted = adapt(model, detached(weights), buffers, episode.support_x, episode.support_y,
+                            inner_lr=lr, steps=steps, first_order=True)
         with torch.no_grad():
             return forward(model, adapted, buffers, episode.query_x)
 
