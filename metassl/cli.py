@@ -1,4 +1,4 @@
-"""`metassl` command line: train | generate | eval."""
+"""`metassl` command line: train | generate | eval | tune."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,26 @@ def _train(args) -> int:
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
     if args.json:
         print(json.dumps(result["test"]))
+    return 0
+
+
+def _tune(args) -> int:
+    from metassl import config
+    from metassl.tune import run_tune
+
+    overrides = list(args.set)
+    if args.samples is not None:
+        overrides.append(f"tune.samples={args.samples}")
+    if args.concurrent is not None:
+        overrides.append(f"tune.concurrent={args.concurrent}")
+    if args.search is not None:
+        overrides.append(f"tune.search={args.search}")
+    cfg = config.load(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}_tune"
+    summary = run_tune(cfg, out, address=args.address, log=_log)
+    print(f"sweep directory: {out}  (best config: {out / 'best.yaml'}; tensorboard --logdir {out / 'runs'})")
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 
@@ -128,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace shards already at --out")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     g.set_defaults(func=_generate)
+
+    u = sub.add_parser("tune", help="search config keys (tune.space) with Ray Tune on meta-val, then test the best")
+    u.add_argument("config", help="YAML config with a tune section (see experiments/tune_*.yaml)")
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    u.add_argument("--out", help="sweep directory (default runs/<name>_tune); an existing sweep there resumes")
+    u.add_argument("--samples", type=_positive, help="trials (per grid point); default tune.samples")
+    u.add_argument("--concurrent", type=_positive,
+                   help="trials at once (default tune.concurrent, else as many as the cluster's CPUs hold)")
+    u.add_argument("--search", choices=["random", "optuna"], help="default tune.search")
+    u.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    u.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    u.set_defaults(func=_tune)
 
     e = sub.add_parser("eval", help="evaluate a trained model on held-out N-way K-shot episodes")
     e.add_argument("checkpoint", help="run directory (uses checkpoints/best.pt) or a .pt checkpoint")

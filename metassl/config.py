@@ -158,6 +158,26 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """`metassl tune`: the search over config keys (training ignores this section).
+
+    `space` maps config keys to a distribution, e.g.
+    `{"learner.inner_lr": {"loguniform": [0.01, 1.0]}, "learner.name": {"choice": [maml, fomaml]}}`;
+    kinds: loguniform [low, high], uniform [low, high], choice [values], grid [values]
+    (every value, `samples` times each).
+    """
+
+    space: dict = field(default_factory=dict)
+    samples: int = 8  # trials (per grid point)
+    search: str = "random"  # random (Tune's variant generator; supports grid) | optuna
+    workers: int = 1  # Ray Train workers per trial
+    concurrent: int = 0  # trials at once (0: as many as the cluster's CPUs hold)
+    grace_steps: int = 0  # ASHA: steps before a trial may be stopped (0: train.val_every)
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    max_failures: int = 1  # retries of a trial that raised
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment; `config.yaml` in a run directory is this, resolved."""
 
@@ -172,6 +192,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self):
         _validate(self)
@@ -188,6 +209,7 @@ CHOICES = {
     "generator.kind": ("labelled", "augment", "cluster"),
     "generator.encoder": ("pca", "model"),
     "train.device": ("auto", "cpu", "cuda"),
+    "tune.search": ("random", "optuna"),
 }
 POSITIVE = [
     "learner.inner_lr", "optim.outer_lr", "episodes.k_shot", "episodes.n_query", "episodes.meta_batch",
@@ -195,11 +217,13 @@ POSITIVE = [
     "train.keep_checkpoints", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
     "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
     "generator.embedding_dim", "objective.temperature", "objective.proj_dim",
+    "tune.samples", "tune.workers", "tune.reduction_factor",
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
                 "generator.refresh_every", "generator.warmup_steps", "objective.ssl_weight", "objective.simclr",
-                "objective.rotation", "train.max_failures"]
+                "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
+                "tune.max_failures"]
 
 
 def _get(cfg: Config, key: str):
@@ -209,7 +233,40 @@ def _get(cfg: Config, key: str):
     return node
 
 
+SPACE_KINDS = ("loguniform", "uniform", "choice", "grid")
+
+
+def _validate_space(space: Any) -> None:
+    """Check the form of `tune.space` (the values themselves are checked by `metassl tune`)."""
+    if not isinstance(space, dict):
+        raise ConfigError(f"tune.space must map config keys to distributions, got {type(space).__name__}")
+    form = "{loguniform: [low, high]}, {uniform: [low, high]}, {choice: [values]} or {grid: [values]}"
+    for key, spec in space.items():
+        section, _, name = str(key).partition(".")
+        fields = {f.name: f.type for f in dataclasses.fields(Config)}
+        inner = typing.get_type_hints(Config).get(section)
+        ok = (section in fields and section != "tune" and (
+            (not name and not dataclasses.is_dataclass(inner))
+            or (dataclasses.is_dataclass(inner) and name in {f.name for f in dataclasses.fields(inner)})))
+        if not ok:
+            raise ConfigError(f"tune.space: {key!r} is not a config key one can tune (e.g. learner.inner_lr)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            raise ConfigError(f"tune.space[{key!r}] must be one of {form}; got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"tune.space[{key!r}].{kind} must be a non-empty list, got {values!r}")
+        if kind in ("loguniform", "uniform"):
+            try:
+                low, high = (float(v) for v in values)
+            except (TypeError, ValueError):
+                raise ConfigError(f"tune.space[{key!r}].{kind} must be [low, high], got {values!r}") from None
+            if not low < high or (kind == "loguniform" and low <= 0):
+                raise ConfigError(f"tune.space[{key!r}].{kind}={values}: need "
+                                  f"{'0 < ' if kind == 'loguniform' else ''}low < high")
+
+
 def _validate(cfg: Config) -> None:
+    _validate_space(cfg.tune.space)
     for key, valid in CHOICES.items():
         if _get(cfg, key) not in valid:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(valid)}")

@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from metassl import checkpoint
 from metassl.config import Config, actors_per_worker, from_dict, to_dict
+from metassl.data import FORBIDDEN_SPLITS_ENV
 from metassl.errors import ConfigError, MetasslError
 from metassl.train import check_data, check_resumable, train_loop
 
@@ -61,11 +62,12 @@ class RayContext:
 
 
 def _worker(loop_config: dict) -> None:
+    os.environ.update(loop_config["env"])  # e.g. the splits a tuning trial may not read
     cfg = from_dict(loop_config["config"])
     if not cfg.train.threads:
         torch.set_num_threads(loop_config["threads_per_worker"])
     ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"])
-    train_loop(cfg, Path(loop_config["run_dir"]), ctx,
+    train_loop(cfg, Path(loop_config["run_dir"]), ctx, final_eval=loop_config["final_eval"],
                log=lambda line: print(line, flush=True))
 
 
@@ -82,8 +84,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None,
-            log=print) -> dict:
-    """Meta-train with `workers` Ray Train workers; return `result.json`'s dict."""
+            log=print, final_eval: bool = True, callbacks: list | None = None) -> dict:
+    """Meta-train with `workers` Ray Train workers; return `result.json`'s dict.
+
+    `final_eval=False` skips the meta-test evaluation (tuning); `callbacks` are Ray Train
+    `UserCallback`s (tuning passes one that forwards validation reports to Tune).
+    """
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
     if cfg.episodes.meta_batch % workers:
@@ -107,7 +113,8 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "generator_actors": actors,
-                           "use_gpu": use_gpu,
+                           "use_gpu": use_gpu, "final_eval": final_eval,
+                           "env": {k: v for k, v in os.environ.items() if k == FORBIDDEN_SPLITS_ENV},
                            "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
         # With use_gpu each worker also gets one GPU and the process group uses NCCL.
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
@@ -115,6 +122,7 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     try:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metassl.config import CHOICES, Config
-from metassl.data import EpisodeSampler, SinusoidTasks, load_split
+from metassl.data import EpisodeSampler, SinusoidTasks, check_split_allowed, load_split
 from metassl.errors import ConfigError
 from metassl.meta import MAML, MatchingNet, ProtoNet, Reptile
 from metassl.models import build_model
@@ -54,6 +54,7 @@ def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: 
     `dataset`/`root` override the config's (for evaluating on another dataset).
     """
     dataset = dataset or cfg.data.dataset
+    check_split_allowed(split)
     if dataset == "sinusoid":
         return SinusoidTasks(k_shot, n_query, seed=seed + _SINUSOID_SPLIT_OFFSET[split])
     data = load_split(dataset, split, root=root if root is not None else cfg.data.root,

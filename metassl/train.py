@@ -25,7 +25,7 @@ from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
 from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
 
 # Sections that may change between a run and its resume (length, logging, evaluation).
-_RESUMABLE_CHANGES = ("train", "eval")  # sections a resumed run may change
+_RESUMABLE_CHANGES = ("train", "eval", "tune")  # sections a resumed run may change
 # Settings that change how episodes are made, never which: a resumed run may change them.
 _RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task")
 
@@ -155,8 +155,12 @@ def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     return train_loop(cfg, Path(run_dir), ctx, log)
 
 
-def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
-    """The training loop of one worker (`ctx.rank` of `ctx.world`); rank 0 returns the result dict."""
+def train_loop(cfg: Config, run_dir: Path, ctx, log=print, final_eval: bool = True) -> dict | None:
+    """The training loop of one worker (`ctx.rank` of `ctx.world`); rank 0 returns the result dict.
+
+    `final_eval=False` (tuning) ends without the meta-test evaluation: `result.json` then
+    holds the best checkpoint's step and the validation history only.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     lead = ctx.rank == 0
@@ -321,12 +325,16 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print) -> dict | None:
     if not lead:
         return None
     writer.flush()
-    result = final_evaluation(cfg, run_dir, learner, model, log)
+    if final_eval:
+        result = final_evaluation(cfg, run_dir, learner, model, log)
+    else:
+        result = {"name": cfg.name, "best_step": checkpoint.load(checkpoint.best_path(run_dir))["step"]}
     result.update({"steps": step, "best_val": best, "val_history": history, "loss_history": losses,
                    "resumed_at": resumes,
                    "train_minutes": (time.perf_counter() - progress.t0) / 60})
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    writer.add_scalar("test/" + result["test"]["metric"], result["test"]["mean"], step)
+    if final_eval:
+        writer.add_scalar("test/" + result["test"]["metric"], result["test"]["mean"], step)
     writer.close()
     return result
 

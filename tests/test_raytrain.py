@@ -38,6 +38,20 @@ def test_two_workers_match_one_process_on_the_same_episodes(tmp_path):
     assert json.loads((tmp_path / "two" / "result.json").read_text())["steps"] == 3
 
 
+def test_workers_fed_by_generator_actors_match_one_process_generating_inline(tmp_path):
+    # Episode i is the same whichever actor makes it, so 2 Ray Train workers, each drawing
+    # its half of every meta-batch from its own generator actor (auto: 1 each on 2 CPUs),
+    # take the same steps as one process making the episodes itself.
+    gen = ["learner.name=protonet", "generator.kind=augment", "generator.episodes_per_task=4",
+           "generator.ssl_views=true", "objective.ssl_weight=0.5",
+           "objective.simclr=0"]  # rotation CE splits into equal halves; NT-Xent's negatives would not
+    run_local(_cfg(*gen, "generator.actors=0"), tmp_path / "one", log=_quiet)
+    run_ray(_cfg(*gen), tmp_path / "two", workers=2, log=_quiet)
+    a = checkpoint.load(checkpoint.step_path(tmp_path / "one", 3))["params"]
+    b = checkpoint.load(checkpoint.step_path(tmp_path / "two", 3))["params"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
 def _pgrep(*args):
     return [int(p) for p in subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()]
 

@@ -13,6 +13,7 @@ Dataset specs:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from metassl.data.digits import DIGITS_SPLITS, load_digits
@@ -27,6 +28,8 @@ DATASETS = ("digits", "omniglot", "imagefolder")
 
 __all__ = [
     "DATASETS",
+    "FORBIDDEN_SPLITS_ENV",
+    "check_split_allowed",
     "DIGITS_SPLITS",
     "Episode",
     "EpisodeSampler",
@@ -39,6 +42,21 @@ __all__ = [
     "load_split",
     "stack_episodes",
 ]
+
+
+FORBIDDEN_SPLITS_ENV = "METASSL_FORBIDDEN_SPLITS"  # comma-separated splits this process may not read
+
+
+def check_split_allowed(split: str) -> None:
+    """Raise DataError when `split` is listed in $METASSL_FORBIDDEN_SPLITS.
+
+    `metassl tune` sets it to "test" in every trial, so that nothing about the meta-test
+    classes can reach tuning: a trial that tried to read them fails, naming the split.
+    """
+    forbidden = [s for s in os.environ.get(FORBIDDEN_SPLITS_ENV, "").split(",") if s]
+    if split in forbidden:
+        raise DataError(f"the {split!r} split may not be read in this process ({FORBIDDEN_SPLITS_ENV}="
+                        f"{','.join(forbidden)}): tuning and model selection use meta-val only")
 
 
 def load_split(
@@ -59,6 +77,7 @@ def load_split(
     metassl.data.omniglot); digits and imagefolder have one class set. `channels` 3 is for
     imagefolder only; digits and Omniglot are grayscale.
     """
+    check_split_allowed(split)
     name, _, spec_path = spec.partition(":")
     if name not in DATASETS:
         raise DataError(
