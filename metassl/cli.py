@@ -18,7 +18,9 @@ def _train(args) -> int:
     from metassl import config
 
     cfg = config.load(args.config, args.set)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    from metassl.storage import join
+
+    run_dir = args.run_dir or join(cfg.storage or "runs", cfg.name)  # a folder or a storage URI
     if args.backend == "local":
         from metassl.train import run_local
         result = run_local(cfg, run_dir, log=_log)

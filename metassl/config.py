@@ -183,6 +183,9 @@ class Config:
 
     name: str = "experiment"
     seed: int = 0
+    # where run directories live (runs/<name> by default): a folder or a URI such as
+    # s3://bucket/prefix or gs://bucket/prefix (credentials from the environment)
+    storage: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -15,3 +15,7 @@ class DataError(MetasslError, ValueError):
 
 class CheckpointError(MetasslError, ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+class StorageError(MetasslError, OSError):
+    """Object storage (s3://, gs://, ...) is unreachable, refuses access, or lacks credentials."""

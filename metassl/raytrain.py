@@ -26,6 +26,7 @@ from metassl import checkpoint
 from metassl.config import Config, actors_per_worker, from_dict, to_dict
 from metassl.data import FORBIDDEN_SPLITS_ENV
 from metassl.errors import ConfigError, MetasslError
+from metassl.storage import RunStore
 from metassl.train import check_data, check_resumable, train_loop
 
 STATE_FILE = "state.pt"  # the checkpoint file inside a Ray checkpoint directory
@@ -67,7 +68,7 @@ def _worker(loop_config: dict) -> None:
     if not cfg.train.threads:
         torch.set_num_threads(loop_config["threads_per_worker"])
     ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"])
-    train_loop(cfg, Path(loop_config["run_dir"]), ctx, final_eval=loop_config["final_eval"],
+    train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"],
                log=lambda line: print(line, flush=True))
 
 
@@ -95,8 +96,9 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     if cfg.episodes.meta_batch % workers:
         raise ConfigError(f"episodes.meta_batch={cfg.episodes.meta_batch} must be a multiple of "
                           f"--workers={workers} (each worker takes an equal share)")
-    run_dir = Path(run_dir).resolve()
-    check_resumable(cfg, run_dir)
+    store = RunStore(run_dir)  # a local folder, or a URI mirrored locally
+    store.pull()
+    check_resumable(cfg, store.local)
     check_data(cfg)  # a bad dataset fails here, not three times inside the workers
     # Each worker needs one CPU, plus one per generator actor it starts; on a local
     # instance logical CPUs may exceed the cores (the actors mostly wait on backpressure).
@@ -112,14 +114,16 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     use_gpu = _use_gpu(cfg.train.device, workers, ray.cluster_resources().get("GPU", 0))
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "generator_actors": actors,
+        train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
+                           "generator_actors": actors,
                            "use_gpu": use_gpu, "final_eval": final_eval,
                            "env": {k: v for k, v in os.environ.items() if k == FORBIDDEN_SPLITS_ENV},
                            "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
         # With use_gpu each worker also gets one GPU and the process group uses NCCL.
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            # Ray's own run folder is the run directory: storage_path/name (local or a URI)
+            name=store.name, storage_path=_parent(store),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks,
@@ -130,10 +134,17 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     except ray.train.TrainingFailedError as e:
         raise MetasslError(f"training on Ray failed after {cfg.train.max_failures} retries: "
                            f"{_root_cause(e)}") from None
-    result_file = run_dir / "result.json"
+    store.pull()
+    result_file = store.local / "result.json"
     if not result_file.is_file():
         raise MetasslError(f"training on Ray finished without writing {result_file}")
     return json.loads(result_file.read_text())
+
+
+def _parent(store: RunStore) -> str:
+    if store.remote:
+        return store.location.rstrip("/").rsplit("/", 1)[0]
+    return str(store.local.parent)
 
 
 def _use_gpu(setting: str, workers: int, gpus: float) -> bool:

@@ -21,6 +21,7 @@ from metassl.config import Config, dump, from_dict, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource
+from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
 from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
 
@@ -152,11 +153,14 @@ class Progress:
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
     ctx = LocalContext(max(cfg.generator.actors, 0), local_device(cfg.train.device))
-    return train_loop(cfg, Path(run_dir), ctx, log)
+    return train_loop(cfg, run_dir, ctx, log)
 
 
-def train_loop(cfg: Config, run_dir: Path, ctx, log=print, final_eval: bool = True) -> dict | None:
+def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: bool = True) -> dict | None:
     """The training loop of one worker (`ctx.rank` of `ctx.world`); rank 0 returns the result dict.
+
+    `run_dir` may be a storage URI: rank 0 then works in a local mirror, filled from the
+    URI first and uploaded after every checkpoint and at the end (metassl.storage).
 
     `final_eval=False` (tuning) ends without the meta-test evaluation: `result.json` then
     holds the best checkpoint's step and the validation history only.
@@ -180,6 +184,10 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print, final_eval: bool = Tr
     ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature)
     all_params = list(params.values()) + list(head_params.values())
     opt, sched = make_optimizer(cfg, all_params)
+    store = RunStore(run_dir)
+    if lead:
+        store.pull()  # a run kept in object storage resumes on any machine
+    run_dir = store.local
     check_resumable(cfg, run_dir)
 
     start, best, history, losses, resumes = 0, None, [], [], []
@@ -255,6 +263,8 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print, final_eval: bool = Tr
         if is_best or not checkpoint.best_path(run_dir).exists():
             checkpoint.mark_best(run_dir, path)
         checkpoint.prune(run_dir, cfg.train.keep_checkpoints)
+        writer.flush()
+        store.push()
         return path
 
     step, window_t, window_steps, window_wait, val = start, time.perf_counter(), 0, 0.0, None
@@ -316,7 +326,8 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print, final_eval: bool = Tr
         if lead and ckpt_now:
             saved = save(step, val if val_now else None)
         if log_now or ckpt_now:
-            ctx.report({**report, "step": step, "val": val}, saved)
+            # "val" only when this step validated: a tuning scheduler compares fresh scores
+            ctx.report({**report, "step": step, **({"val": val} if val_now else {})}, saved)
         if out_of_time:
             if lead:
                 log(f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached")
@@ -336,6 +347,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx, log=print, final_eval: bool = Tr
     if final_eval:
         writer.add_scalar("test/" + result["test"]["metric"], result["test"]["mean"], step)
     writer.close()
+    store.push()
     return result
 
 
@@ -362,7 +374,14 @@ def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> d
 
 
 def load_trained(path: str | Path):
-    """Return `(cfg, learner, model, params, buffers, state)` from a run directory or checkpoint."""
+    """Return `(cfg, learner, model, params, buffers, state)` from a run directory or checkpoint.
+
+    A run directory in object storage (a URI) is fetched into its local mirror first.
+    """
+    if is_uri(path):
+        store = RunStore(path)
+        store.pull()
+        path = store.local
     state = checkpoint.load(checkpoint.resolve(path))
     try:
         cfg = from_dict(state["config"])

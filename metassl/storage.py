@@ -1,0 +1,162 @@
+"""Run directories in object storage: a run works in a local mirror that is synced with a URI.
+
+A run directory may be a URI (`s3://bucket/prefix/run`, `gs://...`, anything `pyarrow.fs`
+understands), given as `--run-dir` or through the config's `storage` (the run directory
+is then `storage/<name>`). Training, checkpoints and TensorBoard write to a local mirror
+(`$METASSL_CACHE/runs/<hash>/<name>`, default `~/.cache/metassl`): rank 0 fills it from the
+URI before the run (so a run resumes from object storage on any machine) and uploads what
+changed after every checkpoint and at the end; step checkpoints pruned locally are
+deleted remotely too. Ray Train's own checkpoints go to the same URI through
+`RunConfig(storage_path)`.
+
+Credentials are never read from files of this project: pyarrow takes them from the
+environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, an instance role,
+GOOGLE_APPLICATION_CREDENTIALS, ...). A storage that cannot be reached, or refuses
+access, raises StorageError naming the URI and where credentials come from.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from metassl.errors import StorageError
+
+CREDENTIALS_HINT = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run with an instance "
+          "role); a non-AWS endpoint is AWS_ENDPOINT_URL",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or run with a service "
+          "account attached)",
+}
+
+
+RUN_FILES = ("config.yaml", "result.json", "checkpoints/", "tensorboard/")  # what metassl writes
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` locations other than plain local paths and file://."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """`base/part/...` for a local path or a URI."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base, *parts))
+
+
+def _hint(uri: str) -> str:
+    return CREDENTIALS_HINT.get(uri.split("://", 1)[0], "check the credentials in the environment")
+
+
+def check_credentials(uri: str) -> None:
+    """Raise StorageError when the environment's credentials for `uri` are visibly incomplete."""
+    if uri.startswith("s3://"):
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if bool(key) != bool(secret):
+            missing = "AWS_SECRET_ACCESS_KEY" if key else "AWS_ACCESS_KEY_ID"
+            raise StorageError(f"storage {uri!r}: {missing} is not set but its partner is; {_hint(uri)}")
+    if uri.startswith("gs://"):
+        creds = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if creds and not Path(creds).is_file():
+            raise StorageError(f"storage {uri!r}: GOOGLE_APPLICATION_CREDENTIALS={creds!r} is not a file")
+
+
+def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a storage URI; StorageError when pyarrow cannot open it."""
+    check_credentials(uri)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise StorageError(f"cannot open storage {uri!r}: {e}. {_hint(uri)}") from None
+    return fs, path.rstrip("/")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("METASSL_CACHE", Path.home() / ".cache" / "metassl"))
+
+
+class RunStore:
+    """A run directory: `local` is where the run works; `pull`/`push` sync it with `location`.
+
+    For a local `location` the mirror is the directory itself and syncing does nothing.
+    """
+
+    def __init__(self, location: str | Path):
+        self.location = str(location)
+        self.remote = is_uri(location)
+        self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
+        if not self.remote:
+            self.local = Path(location).resolve()
+            return
+        self.fs, self.path = open_uri(self.location)
+        digest = hashlib.sha1(self.location.encode()).hexdigest()[:16]
+        self.local = cache_root() / "runs" / digest / self.path.rsplit("/", 1)[-1]
+
+    @property
+    def name(self) -> str:
+        return self.local.name
+
+    def _remote_files(self) -> dict[str, int]:
+        """Relative path -> size of every file under the remote run directory ({} when there is none)."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(f"cannot list {self.location!r}: {e}. {_hint(self.location)}") from None
+        return {i.path[len(self.path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def pull(self) -> None:
+        """Download the run's files (not Ray's own) that the mirror lacks or holds in another size."""
+        if not self.remote:
+            return
+        for rel, size in self._remote_files().items():
+            if not rel.startswith(RUN_FILES):
+                continue
+            target = self.local / rel
+            if target.is_file() and target.stat().st_size == size:
+                self._pushed[rel] = _signature(target)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            try:
+                with self.fs.open_input_stream(f"{self.path}/{rel}") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+            except (pa.ArrowException, OSError) as e:
+                raise StorageError(f"cannot read {self.location}/{rel}: {e}. {_hint(self.location)}") from None
+            os.replace(tmp, target)
+            self._pushed[rel] = _signature(target)
+
+    def push(self) -> None:
+        """Upload the mirror's new or changed files; delete remote step checkpoints pruned locally."""
+        if not self.remote:
+            return
+        local = {str(p.relative_to(self.local)): p for p in self.local.rglob("*")
+                 if p.is_file() and not p.name.endswith((".tmp", ".part"))}
+        try:
+            for rel, p in sorted(local.items()):
+                signature = _signature(p)
+                if self._pushed.get(rel) == signature:
+                    continue
+                self.fs.create_dir(f"{self.path}/{Path(rel).parent}".rstrip("/."), recursive=True)
+                with open(p, "rb") as src, self.fs.open_output_stream(f"{self.path}/{rel}") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                self._pushed[rel] = signature
+            for rel in self._remote_files():
+                if rel.startswith("checkpoints/step_") and rel not in local:
+                    self.fs.delete_file(f"{self.path}/{rel}")
+                    self._pushed.pop(rel, None)
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, StorageError):
+                raise
+            raise StorageError(f"cannot write to {self.location!r}: {e}. {_hint(self.location)}") from None
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
