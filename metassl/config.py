@@ -279,6 +279,8 @@ def _validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    if cfg.tune.reduction_factor < 2:
+        raise ConfigError(f"tune.reduction_factor={cfg.tune.reduction_factor} must be >= 2 (ASHA keeps 1/rf per rung)")
     if cfg.generator.actors < -1:
         raise ConfigError(f"generator.actors={cfg.generator.actors} must be >= 0, or -1 for auto")
     g = cfg.generator

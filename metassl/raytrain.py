@@ -38,10 +38,11 @@ _FAST_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 class RayContext:
     """A Ray Train worker's view: its rank, the last reported checkpoint, and `ray.train.report`."""
 
-    def __init__(self, generator_actors: int = 0, use_gpu: bool = False):
+    def __init__(self, generator_actors: int = 0, use_gpu: bool = False, actor_cpus: float = 1.0):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.generator_actors = generator_actors  # this worker's episode-generating actors
+        self.actor_cpus = actor_cpus  # the CPUs each of them asks Ray for
         # the GPU Ray assigned to this worker (NCCL process group), else the CPU (gloo)
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
@@ -67,7 +68,7 @@ def _worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     if not cfg.train.threads:
         torch.set_num_threads(loop_config["threads_per_worker"])
-    ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"])
+    ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"], loop_config["actor_cpus"])
     train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"],
                log=lambda line: print(line, flush=True))
 
@@ -85,11 +86,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None,
-            log=print, final_eval: bool = True, callbacks: list | None = None) -> dict:
+            log=print, final_eval: bool = True, callbacks: list | None = None, worker_cpus: float = 1.0) -> dict:
     """Meta-train with `workers` Ray Train workers; return `result.json`'s dict.
 
     `final_eval=False` skips the meta-test evaluation (tuning); `callbacks` are Ray Train
-    `UserCallback`s (tuning passes one that forwards validation reports to Tune).
+    `UserCallback`s (tuning passes one that forwards validation reports to Tune);
+    `worker_cpus` is each worker's CPU request (a tuning trial leaves a sliver to its driver).
     """
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
@@ -100,27 +102,33 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     store.pull()
     check_resumable(cfg, store.local)
     check_data(cfg)  # a bad dataset fails here, not three times inside the workers
-    # Each worker needs one CPU, plus one per generator actor it starts; on a local
-    # instance logical CPUs may exceed the cores (the actors mostly wait on backpressure).
+    # Each worker needs one CPU, plus one per generator actor it starts. A Ray instance
+    # started here gets that many logical CPUs even beyond the cores (the actors mostly
+    # wait on backpressure); on a running cluster the actors share the CPUs the workers
+    # leave (a fraction each, possibly 0), so that they can always be placed.
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    running = bool(address) or ray.is_initialized()
+    if running:
         init_ray(address)
         cpus = ray.cluster_resources().get("CPU", 0)
     else:
         cpus = os.cpu_count() or 1
     generates = cfg.generator.kind != "labelled" and not cfg.generator.shards
     actors = actors_per_worker(cfg.generator.actors, workers, cpus) if generates else 0
+    actor_cpus = 1.0
+    if running and actors:
+        actor_cpus = min(1.0, max(0.0, cpus - workers) / (workers * actors))
     init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)))
     use_gpu = _use_gpu(cfg.train.device, workers, ray.cluster_resources().get("GPU", 0))
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
-                           "generator_actors": actors,
+                           "generator_actors": actors, "actor_cpus": actor_cpus,
                            "use_gpu": use_gpu, "final_eval": final_eval,
                            "env": {k: v for k, v in os.environ.items() if k == FORBIDDEN_SPLITS_ENV},
                            "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
         # With use_gpu each worker also gets one GPU and the process group uses NCCL.
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=RunConfig(
             # Ray's own run folder is the run directory: storage_path/name (local or a URI)
             name=store.name, storage_path=_parent(store),

@@ -110,16 +110,23 @@ class RunStore:
         return {i.path[len(self.path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
     def pull(self) -> None:
-        """Download the run's files (not Ray's own) that the mirror lacks or holds in another size."""
+        """Make the mirror a copy of the run's files (not Ray's own) in storage.
+
+        Everything is downloaded (a run directory is a few checkpoints and event files),
+        and mirror files that storage does not have are deleted, so a stale mirror from
+        an earlier run on this machine never leaks into the run.
+        """
         if not self.remote:
             return
-        for rel, size in self._remote_files().items():
-            if not rel.startswith(RUN_FILES):
-                continue
+        remote = {rel: size for rel, size in self._remote_files().items() if rel.startswith(RUN_FILES)}
+        if self.local.is_dir():
+            for p in self.local.rglob("*"):
+                rel = str(p.relative_to(self.local))
+                if p.is_file() and rel.startswith(RUN_FILES) and rel not in remote:
+                    p.unlink()
+        self._pushed.clear()
+        for rel in remote:
             target = self.local / rel
-            if target.is_file() and target.stat().st_size == size:
-                self._pushed[rel] = _signature(target)
-                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".part")
             try:

@@ -28,7 +28,8 @@ from metassl.registry import build_backbone, build_learner, build_sampler, is_re
 # Sections that may change between a run and its resume (length, logging, evaluation).
 _RESUMABLE_CHANGES = ("train", "eval", "tune")  # sections a resumed run may change
 # Settings that change how episodes are made, never which: a resumed run may change them.
-_RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task")
+# `storage` only says where the run directory lives.
+_RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task", "storage")
 
 
 def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> None:
@@ -43,9 +44,15 @@ def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> No
             return
         saved = yaml.safe_load(path.read_text()) or {}
     new = to_dict(cfg)
+    try:  # keys added since the run started take their defaults
+        saved = to_dict(from_dict(saved))
+    except ConfigError as e:
+        raise ConfigError(f"run directory {str(run_dir)!r} holds a config this metassl cannot read ({e}); "
+                          "use another --run-dir") from None
     changed = [f"{s}.{k}" for s in new if s not in _RESUMABLE_CHANGES and isinstance(new[s], dict)
                for k in new[s] if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in _RESUMABLE_KEYS]
-    changed += [s for s in new if not isinstance(new[s], dict) and saved.get(s) != new[s]]
+    changed += [s for s in new if not isinstance(new[s], dict) and saved.get(s) != new[s]
+                and s not in _RESUMABLE_KEYS]
     if changed:
         raise ConfigError(f"run directory {str(run_dir)!r} holds a run with a different config "
                           f"({', '.join(changed)} differ); use another --run-dir to start a new run")
@@ -227,7 +234,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         elif not gen.warmup_steps:
             encoder = (_weights(params, buffers), 1)
     train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder,
-                                 actors=ctx.generator_actors)
+                                 actors=ctx.generator_actors, actor_cpus=getattr(ctx, "actor_cpus", 1.0))
     writer = None
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)

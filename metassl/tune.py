@@ -27,6 +27,7 @@ from metassl.data import FORBIDDEN_SPLITS_ENV
 from metassl.errors import ConfigError, MetasslError
 
 PLOT_AXES = ("learner.inner_lr", "optim.outer_lr")  # the heat map's axes when both are searched
+TRIAL_CPUS = 0.1  # what the trial's driver function itself asks Ray for (its workers ask for their own)
 
 
 def set_key(data: dict, key: str, value) -> dict:
@@ -81,7 +82,7 @@ def concurrency(base: Config, cpus: float) -> int:
     """Trials at once: `tune.concurrent`, else as many as the cluster's CPUs hold (at least 1)."""
     if base.tune.concurrent:
         return base.tune.concurrent
-    per_trial = base.tune.workers * (1 + max(base.generator.actors, 0))
+    per_trial = base.tune.workers * (1 + max(base.generator.actors, 0))  # TRIAL_CPUS comes out of a worker's
     return max(1, int(cpus // per_trial))
 
 
@@ -104,8 +105,14 @@ def _trial(values: dict, base: dict, sweep_dir: str) -> None:
     if cfg.generator.actors < 0:  # auto: generate inside the worker, trials share the CPUs
         cfg = trial_config(cfg, {"generator.actors": 0})
     run_dir = Path(sweep_dir) / "runs" / tune.get_context().get_trial_id()
+    done = run_dir / "result.json"
+    if done.is_file():  # finished before the sweep was interrupted: report it again, do not retrain
+        result = json.loads(done.read_text())
+        if result.get("best_val") is not None:
+            tune.report({"step": result["steps"], "val": result["best_val"]})
+            return
     run_ray(cfg, run_dir, workers=cfg.tune.workers, final_eval=False, callbacks=[ValidationReports()],
-            log=lambda *_: None)
+            log=lambda *_: None, worker_cpus=1.0 - TRIAL_CPUS)  # a trial uses whole CPUs
 
 
 def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None, log=print) -> dict:
@@ -129,8 +136,10 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
     init_ray(address)
     cpus = ray.cluster_resources().get("CPU", 1)
     grace = base.tune.grace_steps or base.train.val_every or base.train.steps
+    # stop_last_trials=False: a trial that reaches train.steps ends by itself, after its
+    # result.json is written (ASHA would otherwise stop it at its last report).
     scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=min(grace, base.train.steps),
-                              reduction_factor=base.tune.reduction_factor)
+                              reduction_factor=base.tune.reduction_factor, stop_last_trials=False)
     search_alg = None
     if base.tune.search == "optuna":
         try:
@@ -140,7 +149,7 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=base.seed)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=config.to_dict(base), sweep_dir=str(sweep_dir)), {"cpu": 0.1})
+        tune.with_parameters(_trial, base=config.to_dict(base), sweep_dir=str(sweep_dir)), {"cpu": TRIAL_CPUS})
     run_config = tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=base.tune.max_failures),
                                 verbose=0)
@@ -189,8 +198,8 @@ def trial_rows(grid, base: Config, sweep_dir: Path, mode: str) -> list[dict]:
                   else "stopped early")
         best = (max(vals) if mode == "max" else min(vals)) if vals else None
         best_step = None
-        if (run_dir / "result.json").is_file():
-            best_step = json.loads((run_dir / "result.json").read_text()).get("best_step")
+        if best is not None:  # the step of the best validation
+            best_step = int(history.loc[history["val"] == best, "step"].iloc[0])
         rows.append({"trial_id": trial_id, "values": values, "val": best, "steps": steps, "status": status,
                      "best_step": best_step, "run_dir": str(run_dir),
                      "error": str(result.error).strip().splitlines()[-1] if result.error else ""})

@@ -72,7 +72,7 @@ class EpisodePool:
     takes its share of every meta-batch maps its positions to its episode ids).
     """
 
-    def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, start: int = 0,
+    def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, actor_cpus: float = 1.0, start: int = 0,
                  chunk: int | None = None, max_in_flight: int | None = None, timeout_s: float = 600.0,
                  episode_id: Callable[[int], int] | None = None, encoder: tuple[dict, int] | None = None):
         if actors < 1:
@@ -80,9 +80,9 @@ class EpisodePool:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=None, log_to_driver=False)
         cpus = ray.cluster_resources().get("CPU", 0)
-        if actors > cpus:
-            raise DataError(f"generator.actors={actors} needs {actors} CPUs but the Ray cluster has {cpus:g}; "
-                            f"use generator.actors <= {int(cpus)}")
+        if actors * actor_cpus > cpus:
+            raise DataError(f"generator.actors={actors} needs {actors * actor_cpus:g} CPUs but the Ray cluster "
+                            f"has {cpus:g}; use generator.actors <= {int(cpus / actor_cpus)}")
         # Held for the pool's lifetime: Ray re-runs an actor's constructor with these
         # arguments when it restarts the actor.
         self._images_ref = ray.put(images)
@@ -92,7 +92,7 @@ class EpisodePool:
             self._encoder = (ray.put(_cpu(encoder[0])), encoder[1])
         # Refs must be top-level arguments for Ray to pass their values.
         initial = self._encoder or (None, 0)
-        self.actors = [GeneratorActor.options(num_cpus=1).remote(self._config, self._images_ref, *initial)
+        self.actors = [GeneratorActor.options(num_cpus=actor_cpus).remote(self._config, self._images_ref, *initial)
                        for _ in range(actors)]
         self._resubmits: dict[int, int] = {}  # chunk -> times its actor died
         self._waits: dict[int, int] = {}  # chunk -> pauses while its actor restarted

@@ -43,7 +43,8 @@ class TrainingSource:
     """
 
     def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1,
-                 encoder: tuple[dict, int] | None = None, actors: int | None = None):
+                 encoder: tuple[dict, int] | None = None, actors: int | None = None,
+                 actor_cpus: float = 1.0):
         from metassl.registry import build_generator, build_sampler, load_unlabelled
 
         self.cfg, self.pool, self.generator = cfg, None, None
@@ -68,7 +69,7 @@ class TrainingSource:
             self.generator = build_generator(cfg, images, encoder)
         else:
             from metassl.generate.pool import EpisodePool
-            self.pool = EpisodePool(cfg, images, actors=actors, start=start_step * self.per,
+            self.pool = EpisodePool(cfg, images, actors=actors, actor_cpus=actor_cpus, start=start_step * self.per,
                                     episode_id=self.episode_id, encoder=encoder)
 
     def episode_id(self, position: int) -> int:
