@@ -82,7 +82,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env={"env_vars": _FAST_REPORTS})
         return
     os.environ.update({k: os.environ.get(k, v) for k, v in _FAST_REPORTS.items()})
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    # The dashboard (on this machine's loopback only) serves Ray's state API, which Ray
+    # Train's placement-group cleaner polls: without it a stopped run's CPUs are never
+    # given back (and the cleaner logs a warning every second).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None,

@@ -62,7 +62,8 @@ def ray_session(tmp_path_factory, s3_endpoint):
     # Ray Train's controller polls every 2 s by default, which makes each report() slow.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # the dashboard serves the state API that Ray Train's placement-group cleaner needs
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
     yield ray
     ray.shutdown()

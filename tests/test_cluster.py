@@ -2,11 +2,13 @@
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,12 +63,13 @@ def test_ray_job_submit_to_a_local_head_runs_training_to_success(tmp_path):
     gcs, dash, agent, agent_grpc, metrics, runtime_env, client = _free_ports(7)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}", "--num-cpus=2",
-         f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run = tmp_path / "job_run"
     try:
@@ -87,7 +90,10 @@ def test_ray_job_submit_to_a_local_head_runs_training_to_success(tmp_path):
              "--set", "train.val_episodes=10", "--set", "eval.episodes=10"],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
-        assert "SUCCEEDED" in job.stdout + job.stderr
+        job_id = re.search(r"raysubmit_\w+", job.stdout + job.stderr).group(0)
+        status = subprocess.run([str(bin_dir / "ray"), "job", "status", "--address", address, job_id],
+                                env=env, capture_output=True, text=True)
+        assert re.search(r"job '?raysubmit_\w+'? succeeded", status.stdout + status.stderr, re.I), status.stdout
         assert json.loads((run / "result.json").read_text())["steps"] == 3
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # stops this head only (`ray stop` would stop every instance)
@@ -95,3 +101,4 @@ def test_ray_job_submit_to_a_local_head_runs_training_to_success(tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
