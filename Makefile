@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/metassl train experiments/digits_protonet.yaml --run-dir runs/digits_protonet --backend local
+	$(VENV)/bin/metassl train experiments/digits_protonet.yaml --run-dir runs/digits_protonet --workers 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -70,7 +71,13 @@ def _worker(loop_config: dict) -> None:
         torch.set_num_threads(loop_config["threads_per_worker"])
     ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"], loop_config["actor_cpus"])
     train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"],
-               log=lambda line: print(line, flush=True))
+               log=_console)
+
+
+def _console(line: str) -> None:
+    """Write a progress line once: Ray Train's patched `print` would also log it, doubling it on the driver."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
