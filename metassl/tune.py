@@ -86,7 +86,7 @@ def concurrency(base: Config, cpus: float) -> int:
     return max(1, int(cpus // per_trial))
 
 
-def _trial(values: dict, base: dict, sweep_dir: str) -> None:
+def _trial(values: dict, base: dict, sweep_dir: str, threads: int) -> None:
     """One trial: train the config with `values` set on Ray Train, reporting meta-val to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -104,6 +104,8 @@ def _trial(values: dict, base: dict, sweep_dir: str) -> None:
     cfg = trial_config(config.from_dict(base), values)
     if cfg.generator.actors < 0:  # auto: generate inside the worker, trials share the CPUs
         cfg = trial_config(cfg, {"generator.actors": 0})
+    if not cfg.train.threads:  # concurrent trials would oversubscribe the cores with torch's default
+        cfg = trial_config(cfg, {"train.threads": threads})
     run_dir = Path(sweep_dir) / "runs" / tune.get_context().get_trial_id()
     done = run_dir / "result.json"
     if done.is_file():  # finished before the sweep was interrupted: report it again, do not retrain
@@ -148,8 +150,11 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
             raise ConfigError("tune.search='optuna' needs the optuna package: pip install 'metassl[optuna]'") from None
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=base.seed)
+    concurrent = concurrency(base, cpus)
+    threads = max(1, int(cpus // concurrent // base.tune.workers))  # torch threads per trial worker
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=config.to_dict(base), sweep_dir=str(sweep_dir)), {"cpu": TRIAL_CPUS})
+        tune.with_parameters(_trial, base=config.to_dict(base), sweep_dir=str(sweep_dir), threads=threads),
+        {"cpu": TRIAL_CPUS})
     run_config = tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=base.tune.max_failures),
                                 verbose=0)
@@ -161,7 +166,7 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
             trainable, param_space=space, run_config=run_config,
             tune_config=tune.TuneConfig(metric="val", mode=mode, num_samples=base.tune.samples,
                                         scheduler=scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=concurrency(base, cpus)))
+                                        max_concurrent_trials=concurrent))
     grid = tuner.fit()
     rows = trial_rows(grid, base, sweep_dir, mode)
     if not any(r["status"] != "error" and r["val"] is not None for r in rows):
