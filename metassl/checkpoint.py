@@ -19,12 +19,26 @@ FORMAT = "metassl-checkpoint-v1"
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
+def to_cpu(obj):
+    """`obj` (tensors in dicts, lists and tuples) with every tensor detached and on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save(path: str | Path, state: dict) -> None:
-    """Write `state` atomically (a crash mid-write never leaves a half file under `path`)."""
+    """Write `state` atomically (a crash mid-write never leaves a half file under `path`).
+
+    Tensors are stored on the CPU, so a checkpoint written on a GPU loads anywhere.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
+    torch.save({"format": FORMAT, **to_cpu(state)}, tmp)
     os.replace(tmp, path)
 
 

@@ -16,10 +16,9 @@ def _log(line: str) -> None:
 
 def _train(args) -> int:
     from metassl import config
-
-    cfg = config.load(args.config, args.set)
     from metassl.storage import join
 
+    cfg = config.load(args.config, args.set)
     run_dir = args.run_dir or join(cfg.storage or "runs", cfg.name)  # a folder or a storage URI
     if args.backend == "local":
         from metassl.train import run_local

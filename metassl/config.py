@@ -409,6 +409,17 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def set_key(data: dict, key: str, value: Any) -> None:
+    """Set the dotted `key` (e.g. `learner.inner_lr`) of a nested config dict to `value`, in place."""
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{part!r} is not a section")
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Return `data` with each `section.key=value` override set (values parsed as YAML)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
@@ -416,18 +427,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. learner.inner_lr=0.1")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
+        try:
+            set_key(data, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
     return data
+
+
+def with_values(cfg: Config, values: dict) -> Config:
+    """`cfg` with each dotted key of `values` set (validated like a loaded config)."""
+    data = to_dict(cfg)
+    for key, value in values.items():
+        set_key(data, key, value)
+    return from_dict(data)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -50,15 +50,6 @@ def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / size for k, v in zip(keys, t)}
 
 
-def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
-    """Copy rank 0's values of `tensors` to every worker, in place."""
-    _, size = world()
-    if size == 1:
-        return
-    for t in tensors:
-        dist.broadcast(t.data, src=0)
-
-
 def any_true(flag: bool) -> bool:
     """True on every worker when `flag` is true on any of them (e.g. a time limit reached)."""
     _, size = world()

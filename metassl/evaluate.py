@@ -71,9 +71,7 @@ def episode_mse(model: nn.Module, params: Params, buffers: Params, tasks, episod
                 inner_lr: float, steps: int) -> np.ndarray:
     """Return each task's query MSE after `steps` SGD steps on its support set (sinusoid)."""
     errs = np.empty(episodes)
-    params, lr = split_inner_lr(params, inner_lr)  # Meta-SGD models carry their own step sizes
-    if isinstance(lr, dict):
-        lr = {k: v.detach() for k, v in lr.items()}
+    params, lr = split_inner_lr(params, inner_lr, detach=True)  # Meta-SGD models carry their own step sizes
     device = next(iter(params.values())).device
     for i in range(episodes):
         ep = tasks.episode(i).to(device)

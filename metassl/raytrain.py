@@ -135,13 +135,13 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
         train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
                            "generator_actors": actors, "actor_cpus": actor_cpus,
                            "use_gpu": use_gpu, "final_eval": final_eval,
-                           "env": {k: v for k, v in os.environ.items() if k == FORBIDDEN_SPLITS_ENV},
+                           "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")},
                            "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
         # With use_gpu each worker also gets one GPU and the process group uses NCCL.
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=RunConfig(
             # Ray's own run folder is the run directory: storage_path/name (local or a URI)
-            name=store.name, storage_path=_parent(store),
+            name=store.name, storage_path=store.parent,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks,
@@ -157,12 +157,6 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     if not result_file.is_file():
         raise MetasslError(f"training on Ray finished without writing {result_file}")
     return json.loads(result_file.read_text())
-
-
-def _parent(store: RunStore) -> str:
-    if store.remote:
-        return store.location.rstrip("/").rsplit("/", 1)[0]
-    return str(store.local.parent)
 
 
 def _use_gpu(setting: str, workers: int, gpus: float) -> bool:

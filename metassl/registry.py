@@ -54,8 +54,8 @@ def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: 
     `dataset`/`root` override the config's (for evaluating on another dataset).
     """
     dataset = dataset or cfg.data.dataset
-    check_split_allowed(split)
     if dataset == "sinusoid":
+        check_split_allowed(split)  # image splits are checked by load_split
         return SinusoidTasks(k_shot, n_query, seed=seed + _SINUSOID_SPLIT_OFFSET[split])
     data = load_split(dataset, split, root=root if root is not None else cfg.data.root,
                       protocol=cfg.data.protocol, image_size=cfg.data.image_size, channels=cfg.data.channels)

@@ -101,6 +101,13 @@ class RunStore:
     def name(self) -> str:
         return self.local.name
 
+    @property
+    def parent(self) -> str:
+        """The folder or URI that holds the run directory (Ray's `storage_path`)."""
+        if self.remote:
+            return self.location.rstrip("/").rsplit("/", 1)[0]
+        return str(self.local.parent)
+
     def _remote_files(self) -> dict[str, int]:
         """Relative path -> size of every file under the remote run directory ({} when there is none)."""
         try:
@@ -130,9 +137,8 @@ class RunStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".part")
             try:
-                with self.fs.open_input_stream(f"{self.path}/{rel}") as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
+                pafs.copy_files(f"{self.path}/{rel}", str(tmp), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
             except (pa.ArrowException, OSError) as e:
                 raise StorageError(f"cannot read {self.location}/{rel}: {e}. {_hint(self.location)}") from None
             os.replace(tmp, target)
@@ -149,10 +155,8 @@ class RunStore:
                 signature = _signature(p)
                 if self._pushed.get(rel) == signature:
                     continue
-                self.fs.create_dir(f"{self.path}/{Path(rel).parent}".rstrip("/."), recursive=True)
-                with open(p, "rb") as src, self.fs.open_output_stream(f"{self.path}/{rel}") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
+                pafs.copy_files(str(p), f"{self.path}/{rel}", source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.fs)
                 self._pushed[rel] = signature
             for rel in self._remote_files():
                 if rel.startswith("checkpoints/step_") and rel not in local:

@@ -25,8 +25,8 @@ from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
 from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
 
-# Sections that may change between a run and its resume (length, logging, evaluation).
-_RESUMABLE_CHANGES = ("train", "eval", "tune")  # sections a resumed run may change
+# Sections that may change between a run and its resume (length, logging, evaluation, tuning).
+_RESUMABLE_CHANGES = ("train", "eval", "tune")
 # Settings that change how episodes are made, never which: a resumed run may change them.
 # `storage` only says where the run directory lives.
 _RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task", "storage")
@@ -111,21 +111,12 @@ def local_device(setting: str) -> torch.device:
     return torch.device("cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _cpu(obj):
-    """`obj` (tensors in dicts, lists and tuples) with every tensor on the CPU: what checkpoints store."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
-
-
 class LocalContext:
     """The in-process backend: one worker, checkpoints read from the run directory."""
 
     rank, world = 0, 1
+
+    actor_cpus = 1.0  # what each generator actor asks Ray for (with generator.actors > 0)
 
     def __init__(self, generator_actors: int = 0, device: torch.device | str = "cpu"):
         # generator.actors -1 (auto) generates in this process
@@ -234,7 +225,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         elif not gen.warmup_steps:
             encoder = (_weights(params, buffers), 1)
     train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder,
-                                 actors=ctx.generator_actors, actor_cpus=getattr(ctx, "actor_cpus", 1.0))
+                                 actors=ctx.generator_actors, actor_cpus=ctx.actor_cpus)
     writer = None
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,14 +250,14 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         if is_best:
             best = val
         path = checkpoint.step_path(run_dir, step)
-        checkpoint.save(path, _cpu({
+        checkpoint.save(path, {
             "step": step, "config": to_dict(cfg),
             "params": params, "buffers": buffers, "head_params": head_params,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
             "loss_history": losses, "resumed_at": resumes,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
-        }))
+        })
         if is_best or not checkpoint.best_path(run_dir).exists():
             checkpoint.mark_best(run_dir, path)
         checkpoint.prune(run_dir, cfg.train.keep_checkpoints)
@@ -281,10 +272,9 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         out = learner.meta_step(model, params, buffers, fetched.episodes.to(device))
         metrics = dict(out.metrics)
         views = fetched.ssl_views() if use_ssl else None
-        if views is not None:
-            views = tuple(v.to(device) for v in views)
         ssl = None
         if views is not None:
+            views = tuple(v.to(device) for v in views)
             ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights)
             metrics.update(parts, ssl_loss=float(ssl.detach()))
         metrics["meta_loss"] = float(out.loss.detach())

@@ -30,25 +30,6 @@ PLOT_AXES = ("learner.inner_lr", "optim.outer_lr")  # the heat map's axes when b
 TRIAL_CPUS = 0.1  # what the trial's driver function itself asks Ray for (its workers ask for their own)
 
 
-def set_key(data: dict, key: str, value) -> dict:
-    """`data` (a config dict) with the dotted `key` set to `value`."""
-    section, _, name = key.partition(".")
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    if name:
-        out.setdefault(section, {})[name] = value
-    else:
-        out[section] = value
-    return out
-
-
-def trial_config(base: Config, values: dict) -> Config:
-    """`base` with the sampled `values` ({config key: value}) set; a bad value raises ConfigError."""
-    data = config.to_dict(base)
-    for key, value in values.items():
-        data = set_key(data, key, value)
-    return config.from_dict(data)
-
-
 def check_space(base: Config) -> None:
     """Build a config with every grid/choice value and both ends of every range, so a bad value fails now."""
     for key, spec in base.tune.space.items():
@@ -56,7 +37,7 @@ def check_space(base: Config) -> None:
         for value in values:
             value = float(value) if kind in ("loguniform", "uniform") else value
             try:
-                trial_config(base, {key: value})
+                config.with_values(base, {key: value})
             except ConfigError as e:
                 raise ConfigError(f"tune.space[{key!r}] allows {value!r}, which the config refuses: {e}") from None
 
@@ -101,11 +82,13 @@ def _trial(values: dict, base: dict, sweep_dir: str, threads: int) -> None:
                 super().after_report(run_context, metrics, checkpoint)
 
     os.environ[FORBIDDEN_SPLITS_ENV] = "test"  # this process and its Ray Train workers
-    cfg = trial_config(config.from_dict(base), values)
+    cfg = config.with_values(config.from_dict(base), values)
+    fixes = {}
     if cfg.generator.actors < 0:  # auto: generate inside the worker, trials share the CPUs
-        cfg = trial_config(cfg, {"generator.actors": 0})
+        fixes["generator.actors"] = 0
     if not cfg.train.threads:  # concurrent trials would oversubscribe the cores with torch's default
-        cfg = trial_config(cfg, {"train.threads": threads})
+        fixes["train.threads"] = threads
+    cfg = config.with_values(cfg, fixes)
     run_dir = Path(sweep_dir) / "runs" / tune.get_context().get_trial_id()
     done = run_dir / "result.json"
     if done.is_file():  # finished before the sweep was interrupted: report it again, do not retrain
@@ -176,8 +159,8 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
     log(format_table(rows, base))
     best = max((r for r in rows if r["val"] is not None), key=lambda r: r["val"] if mode == "max" else -r["val"])
     best_cfg = config.load(Path(best["run_dir"]) / "config.yaml")
-    best_cfg = trial_config(best_cfg, {"name": f"{base.name}_tuned", "generator.actors": base.generator.actors,
-                                       "tune.space": {}})
+    best_cfg = config.with_values(best_cfg, {"name": f"{base.name}_tuned", "generator.actors": base.generator.actors,
+                                             "tune.space": {}})
     config.dump(best_cfg, sweep_dir / "best.yaml")
     plot_search(rows, base, sweep_dir / "search.png")
     log(f"best trial {best['trial_id']}: meta-val {best['val']:.4f} at step {best['best_step']}; "

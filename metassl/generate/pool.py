@@ -18,8 +18,8 @@ import pyarrow as pa
 import ray
 import torch
 
+from metassl.checkpoint import to_cpu
 from metassl.config import Config, from_dict, to_dict
-from metassl.data.episodes import Episode, stack_episodes
 from metassl.errors import DataError
 from metassl.generate.record import EpisodeRecord
 from metassl.generate.schema import from_record_batch, to_record_batch
@@ -27,10 +27,6 @@ from metassl.generate.schema import from_record_batch, to_record_batch
 
 MAX_RESUBMITS = 5  # times one chunk is asked for again after its actor died
 RESTART_WAIT_S = 0.5  # pause before asking an actor that Ray is restarting again
-
-
-def _cpu(state: dict) -> dict:
-    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -89,7 +85,7 @@ class EpisodePool:
         self._config = to_dict(cfg)
         self._encoder: tuple[ray.ObjectRef, int] | None = None  # the last published (weights, version)
         if encoder is not None:
-            self._encoder = (ray.put(_cpu(encoder[0])), encoder[1])
+            self._encoder = (ray.put(to_cpu(encoder[0])), encoder[1])
         # Refs must be top-level arguments for Ray to pass their values.
         initial = self._encoder or (None, 0)
         self.actors = [GeneratorActor.options(num_cpus=actor_cpus).remote(self._config, self._images_ref, *initial)
@@ -179,17 +175,13 @@ class EpisodePool:
             self._reset(start)
         return [self.next_record() for _ in range(count)]
 
-    def batch(self, start: int, count: int) -> Episode:
-        """Episodes at positions `start .. start + count - 1` stacked `[count, ...]` (the sampler interface)."""
-        return stack_episodes([r.episode for r in self.records(start, count)])
-
     def publish_encoder(self, state: dict, version: int) -> None:
         """Send new encoder weights to every actor through the object store (one copy).
 
         Chunks requested before the publish may still come from the previous encoder;
         every record says which version made it.
         """
-        self._encoder = (ray.put(_cpu(state)), version)
+        self._encoder = (ray.put(to_cpu(state)), version)
         for actor in self.actors:
             actor.set_encoder.remote(*self._encoder)
 

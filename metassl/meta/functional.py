@@ -49,16 +49,17 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 INNER_LR = "inner_lr."  # Meta-SGD: params["inner_lr." + name] is the learned step size of params[name]
 
 
-def split_inner_lr(params: Params, default: float) -> tuple[Params, float | Params]:
+def split_inner_lr(params: Params, default: float, detach: bool = False) -> tuple[Params, float | Params]:
     """Return `(model weights, inner step sizes)` of `params`.
 
     The step sizes are the learned per-parameter tensors (Meta-SGD) when `params`
-    holds `inner_lr.*` entries, else the float `default`.
+    holds `inner_lr.*` entries, else the float `default`; `detach` (evaluation) cuts
+    them from the graph.
     """
     weights = {k: v for k, v in params.items() if not k.startswith(INNER_LR)}
     if len(weights) == len(params):
         return weights, default
-    return weights, {k: params[INNER_LR + k] for k in weights}
+    return weights, {k: params[INNER_LR + k].detach() if detach else params[INNER_LR + k] for k in weights}
 
 
 def sgd_step(params: Params, grads: Params | tuple, lr: float | Params) -> Params:

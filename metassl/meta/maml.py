@@ -98,9 +98,7 @@ class MAML:
                 inner_steps: int | None = None) -> torch.Tensor:
         """Return query outputs `[n_query_total, out]` after adapting on the support set."""
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
-        weights, lr = split_inner_lr(params, self.inner_lr)
-        if isinstance(lr, dict):
-            lr = {k: v.detach() for k, v in lr.items()}
+        weights, lr = split_inner_lr(params, self.inner_lr, detach=True)
         with torch.enable_grad():
             adapted = adapt(model, detached(weights), buffers, episode.support_x, episode.support_y,
                             inner_lr=lr, steps=steps, first_order=True)
