@@ -21,6 +21,7 @@ from metassl.config import Config, dump, from_dict, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource
+from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
 from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
@@ -79,13 +80,24 @@ def check_data(cfg: Config) -> None:
             raise DataError(f"episodes.n_way={ep.n_way} but the unlabelled pool has only {len(images)} images")
 
 
-def make_optimizer(cfg: Config, params):
-    """Return the outer optimiser and its learning-rate scheduler."""
+def make_optimizer(cfg: Config, named: dict):
+    """Return the outer optimiser over the named parameters and its learning-rate scheduler.
+
+    Meta-SGD step sizes (`inner_lr.*`) get no weight decay: decay would only shrink the
+    inner-loop learning rates. They form a second group only when decay is on, so runs
+    without it keep one group and their saved optimiser states still load.
+    """
     o = cfg.optim
-    if o.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=o.outer_lr, weight_decay=o.weight_decay)
+    step_sizes = [p for k, p in named.items() if k.startswith(INNER_LR)]
+    if step_sizes and o.weight_decay:
+        groups = [{"params": [p for k, p in named.items() if not k.startswith(INNER_LR)]},
+                  {"params": step_sizes, "weight_decay": 0.0}]
     else:
-        opt = torch.optim.SGD(params, lr=o.outer_lr, weight_decay=o.weight_decay)
+        groups = [{"params": list(named.values())}]
+    if o.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=o.outer_lr, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=o.outer_lr, weight_decay=o.weight_decay)
     if o.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.steps)
     else:
@@ -181,7 +193,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                    if use_ssl else {})
     ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature)
     all_params = list(params.values()) + list(head_params.values())
-    opt, sched = make_optimizer(cfg, all_params)
+    opt, sched = make_optimizer(cfg, {**params, **head_params})
     store = RunStore(run_dir)
     if lead:
         store.pull()  # a run kept in object storage resumes on any machine

@@ -135,6 +135,20 @@ def test_meta_sgd_learns_its_step_sizes_and_reloads(tmp_path):
         tiny("learner.name=protonet", "learner.learn_inner_lr=true")
 
 
+def test_meta_sgd_step_sizes_are_not_decayed():
+    from metassl.train import make_optimizer
+
+    named = {"w": torch.ones(3, requires_grad=True), "inner_lr.w": torch.full((3,), 0.1, requires_grad=True)}
+    opt, _ = make_optimizer(tiny("optim.weight_decay=0.5", "optim.optimizer=sgd", "optim.outer_lr=0.1"), named)
+    for p in named.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # a zero gradient leaves only the decay term
+    assert torch.allclose(named["w"], torch.full((3,), 0.95))
+    assert torch.allclose(named["inner_lr.w"], torch.full((3,), 0.1))
+    opt, _ = make_optimizer(tiny(), named)  # no decay: one group, as in earlier checkpoints
+    assert len(opt.param_groups) == 1
+
+
 def test_device_settings():
     from metassl.raytrain import _use_gpu
     from metassl.train import local_device
