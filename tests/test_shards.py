@@ -193,9 +193,16 @@ def test_missing_or_corrupt_manifest_and_overwrite(tmp_path):
     write(str(folder), [make_record(i) for i in range(10)], per_shard=2)
     with pytest.raises(DataError, match="already holds a shard dataset.*overwrite=True"):
         ShardWriter(str(folder))
+    with pytest.raises(RuntimeError):  # a replacement that fails leaves the old dataset as it was
+        with ShardWriter(str(folder), episodes_per_shard=2, overwrite=True) as w:
+            w.write([make_record(i) for i in range(5)])
+            raise RuntimeError("generator crashed")
+    assert [r.episode_id for r in iter_shards(str(folder))] == list(range(10))
+    assert sorted(p.name for p in folder.glob("*.parquet")) == [f"part-{i:05d}.parquet" for i in range(5)]
     manifest = write(str(folder), [make_record(i) for i in range(6)], overwrite=True)
     assert manifest["episodes"] == 6 and len(manifest["shards"]) == 2
     assert not (folder / "part-00004.parquet").exists()  # the old dataset's shards are gone
+    assert len(list(folder.glob("*.parquet"))) == 2
     assert [r.episode_id for r in iter_shards(str(folder))] == list(range(6))
 
     (folder / "manifest.json").write_text("{not json")

@@ -15,6 +15,9 @@ A dataset is a folder (a local path, or a URI such as ``file:///data/eps``,
 
 A folder without a manifest is an incomplete (interrupted) write and is refused by readers.
 Readers check each shard's size and sha256 against the manifest before parsing it.
+Replacing a dataset (`overwrite=True`) writes the new shards under new names
+(``part-00000-<tag>.parquet``) beside the old ones and deletes the old ones only after the
+new manifest is written, so a replacement that fails leaves the old dataset as it was.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import bisect
 import hashlib
 import json
 import os
+import uuid
 from datetime import datetime, timezone
 from typing import Iterator, Sequence
 
@@ -41,9 +45,9 @@ MANIFEST = "manifest.json"
 SHARD_KEYS = ("file", "episodes", "first_episode_id", "last_episode_id", "bytes", "sha256")
 
 
-def shard_name(index: int) -> str:
-    """Returns the file name of shard `index`, e.g. part-00001.parquet."""
-    return f"part-{index:05d}.parquet"
+def shard_name(index: int, tag: str = "") -> str:
+    """Returns the file name of shard `index`, e.g. part-00001.parquet (part-00001-TAG.parquet with a tag)."""
+    return f"part-{index:05d}{'-' + tag if tag else ''}.parquet"
 
 
 def resolve(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
@@ -151,6 +155,8 @@ class ShardWriter:
         self._pending: list[pa.RecordBatch] = []
         self._pending_count = 0
         self._closed = False
+        self._tag = ""  # set when replacing a dataset: new shard names differ from the old ones
+        self._replaced: list[str] = []  # the old dataset's shard files, deleted after the new manifest
         self._prepare(overwrite)
 
     def _prepare(self, overwrite: bool) -> None:
@@ -164,14 +170,10 @@ class ShardWriter:
                 )
             if exists:
                 try:
-                    old = read_manifest(self.path, self.fs)["shards"]
+                    self._replaced = [s["file"] for s in read_manifest(self.path, self.fs)["shards"]]
                 except DataError:
-                    old = []  # a corrupt manifest: replace it, leave unknown files alone
-                self.fs.delete_file(manifest_path)  # first, so a failed rewrite reads as incomplete
-                for shard in old:
-                    target = _join(self.path, shard["file"])
-                    if self.fs.get_file_info(target).type == pafs.FileType.File:
-                        self.fs.delete_file(target)
+                    pass  # a corrupt manifest: replace it, leave unknown files alone
+                self._tag = uuid.uuid4().hex[:8]
             self.fs.create_dir(self.path, recursive=True)
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"cannot prepare {self.uri} for writing shards: {err}") from err
@@ -199,7 +201,7 @@ class ShardWriter:
         # statistics only where a reader could filter on them, not on the image tensors
         pq.write_table(table, sink, compression="zstd", write_statistics=list(SCALAR_COLUMNS))
         data = sink.getvalue()
-        name = shard_name(len(self.shards))
+        name = shard_name(len(self.shards), self._tag)
         ids = table.column("episode_id")
         try:
             with self.fs.open_output_stream(_join(self.path, name)) as f:
@@ -231,18 +233,39 @@ class ShardWriter:
             "metadata": self.metadata,
             "created": datetime.now(timezone.utc).isoformat(),
         }
+        target = _join(self.path, MANIFEST)
+        local = isinstance(self.fs, pafs.LocalFileSystem)  # an object store's PUT is atomic already
         try:
-            with self.fs.open_output_stream(_join(self.path, MANIFEST)) as f:
+            with self.fs.open_output_stream(target + ".tmp" if local else target) as f:
                 f.write(json.dumps(manifest, indent=2).encode())
+            if local:
+                self.fs.move(target + ".tmp", target)  # readers see the old manifest or the new one
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"cannot write {_join(self.uri, MANIFEST)}: {err}") from err
         self._closed = True
         self.manifest = manifest
+        kept = {s["file"] for s in self.shards}
+        self._delete([name for name in self._replaced if name not in kept])
         return manifest
 
     def abort(self) -> None:
-        """Returns None; drops unwritten episodes and leaves the folder without a manifest."""
+        """Returns None; drops unwritten episodes. A new folder is left without a manifest; a
+        replacement deletes the shards it wrote, so the old dataset stays as it was."""
         self._pending, self._pending_count, self._closed = [], 0, True
+        if self._tag:
+            try:
+                self._delete([s["file"] for s in self.shards])
+            except DataError:
+                pass  # unlisted leftovers are harmless; the error that caused the abort matters
+
+    def _delete(self, names: list[str]) -> None:
+        for name in names:
+            target = _join(self.path, name)
+            try:
+                if self.fs.get_file_info(target).type == pafs.FileType.File:
+                    self.fs.delete_file(target)
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"cannot delete {_join(self.uri, name)}: {err}") from err
 
     def __enter__(self) -> ShardWriter:
         return self
