@@ -204,6 +204,15 @@ def test_missing_or_corrupt_manifest_and_overwrite(tmp_path):
     assert not (folder / "part-00004.parquet").exists()  # the old dataset's shards are gone
     assert len(list(folder.glob("*.parquet"))) == 2
     assert [r.episode_id for r in iter_shards(str(folder))] == list(range(6))
+    (folder / "manifest.json.tmp").mkdir()  # the new manifest cannot be written
+    with pytest.raises(DataError, match=r"cannot write .*manifest\.json"):
+        write(str(folder), [make_record(i) for i in range(9)], overwrite=True)
+    (folder / "manifest.json.tmp").rmdir()
+    assert [r.episode_id for r in iter_shards(str(folder))] == list(range(6))  # the old dataset, untouched
+    assert len(list(folder.glob("*.parquet"))) == 2
+    write(str(folder), [make_record(i) for i in range(9)], overwrite=True)  # replacing a replacement
+    assert [r.episode_id for r in iter_shards(str(folder))] == list(range(9))
+    assert len(list(folder.glob("*.parquet"))) == 3
 
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from datetime import datetime, timezone
 from typing import Iterator, Sequence
 
@@ -225,47 +226,58 @@ class ShardWriter:
             return self.manifest
         if self._closed:
             raise DataError(f"ShardWriter for {self.uri} was aborted; it wrote no manifest")
-        self._flush()
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "episodes": self.episodes,
-            "shards": self.shards,
-            "metadata": self.metadata,
-            "created": datetime.now(timezone.utc).isoformat(),
-        }
-        target = _join(self.path, MANIFEST)
-        local = isinstance(self.fs, pafs.LocalFileSystem)  # an object store's PUT is atomic already
         try:
-            with self.fs.open_output_stream(target + ".tmp" if local else target) as f:
-                f.write(json.dumps(manifest, indent=2).encode())
-            if local:
-                self.fs.move(target + ".tmp", target)  # readers see the old manifest or the new one
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"cannot write {_join(self.uri, MANIFEST)}: {err}") from err
+            self._flush()
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "episodes": self.episodes,
+                "shards": self.shards,
+                "metadata": self.metadata,
+                "created": datetime.now(timezone.utc).isoformat(),
+            }
+            self._write_manifest(manifest)
+        except DataError:
+            self.abort()  # a replacement removes what it wrote: the old dataset stays as it was
+            raise
         self._closed = True
         self.manifest = manifest
         kept = {s["file"] for s in self.shards}
-        self._delete([name for name in self._replaced if name not in kept])
+        left = self._delete([name for name in self._replaced if name not in kept])
+        if left:  # the new dataset is complete either way; the old files are just unreferenced
+            warnings.warn(f"{self.uri}: could not delete the replaced shards {left}", stacklevel=2)
         return manifest
+
+    def _write_manifest(self, manifest: dict) -> None:
+        target = _join(self.path, MANIFEST)
+        # An object store's PUT replaces a file whole; elsewhere write aside and rename, so
+        # that readers see the old manifest or the new one, never half of one.
+        aside = self.fs.type_name not in ("s3", "gcs", "abfs")
+        try:
+            with self.fs.open_output_stream(target + ".tmp" if aside else target) as f:
+                f.write(json.dumps(manifest, indent=2).encode())
+            if aside:
+                self.fs.move(target + ".tmp", target)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"cannot write {_join(self.uri, MANIFEST)}: {err}") from err
 
     def abort(self) -> None:
         """Returns None; drops unwritten episodes. A new folder is left without a manifest; a
         replacement deletes the shards it wrote, so the old dataset stays as it was."""
         self._pending, self._pending_count, self._closed = [], 0, True
         if self._tag:
-            try:
-                self._delete([s["file"] for s in self.shards])
-            except DataError:
-                pass  # unlisted leftovers are harmless; the error that caused the abort matters
+            self._delete([s["file"] for s in self.shards])  # leftovers would be unreferenced, harmless
 
-    def _delete(self, names: list[str]) -> None:
+    def _delete(self, names: list[str]) -> list[str]:
+        """Delete these files of the folder; return the ones that could not be deleted."""
+        left = []
         for name in names:
             target = _join(self.path, name)
             try:
                 if self.fs.get_file_info(target).type == pafs.FileType.File:
                     self.fs.delete_file(target)
-            except (pa.ArrowException, OSError) as err:
-                raise DataError(f"cannot delete {_join(self.uri, name)}: {err}") from err
+            except (pa.ArrowException, OSError):
+                left.append(name)
+        return left
 
     def __enter__(self) -> ShardWriter:
         return self
