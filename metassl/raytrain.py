@@ -67,11 +67,20 @@ class RayContext:
 def _worker(loop_config: dict) -> None:
     os.environ.update(loop_config["env"])  # e.g. the splits a tuning trial may not read
     cfg = from_dict(loop_config["config"])
-    if not cfg.train.threads:
-        torch.set_num_threads(loop_config["threads_per_worker"])
+    if not cfg.train.threads:  # this node's cores, shared with its other workers
+        torch.set_num_threads(max(1, _node_cores() // ray.train.get_context().get_local_world_size()))
     ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"], loop_config["actor_cpus"])
     train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"],
                log=_console)
+
+
+def _node_cores() -> int:
+    """Cores this process may use: the fewer of the CPUs Ray gives this node and the cores the
+    OS lets it run on (a local instance may count more logical CPUs than there are cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    node = ray.get_runtime_context().get_node_id()
+    ray_cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    return max(1, min(cores, int(ray_cpus) or cores))
 
 
 def _console(line: str) -> None:
@@ -135,8 +144,7 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
         train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
                            "generator_actors": actors, "actor_cpus": actor_cpus,
                            "use_gpu": use_gpu, "final_eval": final_eval,
-                           "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")},
-                           "threads_per_worker": max(1, (os.cpu_count() or 1) // workers)},
+                           "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")}},
         # With use_gpu each worker also gets one GPU and the process group uses NCCL.
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=RunConfig(

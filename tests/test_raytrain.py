@@ -98,3 +98,10 @@ def test_rerunning_the_same_command_resumes_and_ends_at_the_same_step(tmp_path):
     b = checkpoint.load(checkpoint.step_path(tmp_path / "whole", 4))["params"]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert whole["steps"] == 4
+
+
+def test_worker_threads_come_from_the_cores_ray_and_the_os_both_give():
+    from metassl.raytrain import _node_cores
+
+    # the session's Ray instance counts 2 CPUs, whatever the machine has
+    assert 1 <= _node_cores() <= min(2, len(os.sched_getaffinity(0)))
