@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from metassl.errors import MetasslError
 
@@ -34,6 +33,7 @@ def _train(args) -> int:
 
 def _tune(args) -> int:
     from metassl import config
+    from metassl.storage import join
     from metassl.tune import run_tune
 
     overrides = list(args.set)
@@ -44,9 +44,10 @@ def _tune(args) -> int:
     if args.search is not None:
         overrides.append(f"tune.search={args.search}")
     cfg = config.load(args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}_tune"
+    out = args.out or join(cfg.storage or "runs", f"{cfg.name}_tune")  # a folder or a storage URI
     summary = run_tune(cfg, out, address=args.address, log=_log)
-    print(f"sweep directory: {out}  (best config: {out / 'best.yaml'}; tensorboard --logdir {out / 'runs'})")
+    print(f"sweep directory: {out}  (best config: {join(out, 'best.yaml')}; "
+          f"tensorboard --logdir {join(out, 'runs')})")
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("tune", help="search config keys (tune.space) with Ray Tune on meta-val, then test the best")
     u.add_argument("config", help="YAML config with a tune section (see experiments/tune_*.yaml)")
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    u.add_argument("--out", help="sweep directory (default runs/<name>_tune); an existing sweep there resumes")
+    u.add_argument("--out", help="sweep directory or storage URI (default <storage or runs>/<name>_tune); "
+                                  "an existing sweep there resumes")
     u.add_argument("--samples", type=_positive, help="trials (per grid point); default tune.samples")
     u.add_argument("--concurrent", type=_positive,
                    help="trials at once (default tune.concurrent, else as many as the cluster's CPUs hold)")

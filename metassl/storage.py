@@ -80,6 +80,43 @@ def cache_root() -> Path:
     return Path(os.environ.get("METASSL_CACHE", Path.home() / ".cache" / "metassl"))
 
 
+def list_names(location: str | Path) -> list[str]:
+    """Names of the entries directly under a folder or URI ([] when it does not exist)."""
+    if not is_uri(location):
+        folder = Path(location)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    fs, path = open_uri(str(location))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"cannot list {str(location)!r}: {e}. {_hint(str(location))}") from None
+    return sorted(i.base_name for i in infos)
+
+
+def read_text(location: str | Path) -> str | None:
+    """The text of a file in a folder or at a URI; None when there is no such file."""
+    if not is_uri(location):
+        path = Path(location)
+        return path.read_text() if path.is_file() else None
+    fs, path = open_uri(str(location))
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"cannot read {str(location)!r}: {e}. {_hint(str(location))}") from None
+
+
+def upload(path: Path, uri: str) -> None:
+    """Copy the local file `path` to the storage URI `uri`."""
+    fs, target = open_uri(uri)
+    try:
+        pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"cannot write {uri!r}: {e}. {_hint(uri)}") from None
+
+
 class RunStore:
     """A run directory: `local` is where the run works; `pull`/`push` sync it with `location`.
 

@@ -12,19 +12,23 @@ A sweep folder holds Tune's state, `runs/<trial id>/` (each trial's run director
 checkpoints, TensorBoard with HParams, result.json), `trials.csv`, `best.yaml` (ready
 for `metassl train`), `test_result.json` and `search.png`. Running the same command
 again resumes an interrupted sweep: finished trials are kept, unfinished ones resume
-from their last checkpoint.
+from their last checkpoint. The sweep folder may be a storage URI (`s3://...`), which is
+what trials on several nodes need: Tune keeps its state there, each trial's run
+directory is a URI below it, and the outputs are written locally and then uploaded.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from metassl import config
 from metassl.config import Config
 from metassl.data import FORBIDDEN_SPLITS_ENV
 from metassl.errors import ConfigError, MetasslError
+from metassl.storage import is_uri, join, list_names, read_text, upload
 
 PLOT_AXES = ("learner.inner_lr", "optim.outer_lr")  # the heat map's axes when both are searched
 TRIAL_CPUS = 0.1  # what the trial's driver function itself asks Ray for (its workers ask for their own)
@@ -67,7 +71,7 @@ def concurrency(base: Config, cpus: float) -> int:
     return max(1, int(cpus // per_trial))
 
 
-def _trial(values: dict, base: dict, sweep_dir: str, threads: int) -> None:
+def _trial(values: dict, base: dict, sweep: str, threads: int) -> None:
     """One trial: train the config with `values` set on Ray Train, reporting meta-val to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -89,10 +93,10 @@ def _trial(values: dict, base: dict, sweep_dir: str, threads: int) -> None:
     if not cfg.train.threads:  # concurrent trials would oversubscribe the cores with torch's default
         fixes["train.threads"] = threads
     cfg = config.with_values(cfg, fixes)
-    run_dir = Path(sweep_dir) / "runs" / tune.get_context().get_trial_id()
-    done = run_dir / "result.json"
-    if done.is_file():  # finished before the sweep was interrupted: report it again, do not retrain
-        result = json.loads(done.read_text())
+    run_dir = join(sweep, "runs", tune.get_context().get_trial_id())  # a folder or a URI
+    done = read_text(join(run_dir, "result.json"))
+    if done is not None:  # finished before the sweep was interrupted: report it again, do not retrain
+        result = json.loads(done)
         if result.get("best_val") is not None:
             tune.report({"step": result["steps"], "val": result["best_val"]})
             return
@@ -101,7 +105,8 @@ def _trial(values: dict, base: dict, sweep_dir: str, threads: int) -> None:
 
 
 def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None, log=print) -> dict:
-    """Run (or resume) the sweep of `base.tune` in `sweep_dir`; return the best trial's summary."""
+    """Run (or resume) the sweep of `base.tune` in `sweep_dir` (a folder or a storage URI);
+    return the best trial's summary."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -116,7 +121,10 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
     check_space(base)
     space = param_space(base)
     check_data(base)  # train and val only: bad data fails before any trial starts
-    sweep_dir = Path(sweep_dir).resolve()
+    sweep = str(sweep_dir).rstrip("/") if is_uri(sweep_dir) else str(Path(sweep_dir).resolve())
+    # the first touch of a storage URI: bad credentials or an unreachable store fail here, clearly
+    if {"config.yaml", "result.json"} & set(list_names(sweep)):
+        raise ConfigError(f"{sweep} holds a training run, not a sweep: choose another sweep directory (--out)")
     mode = "min" if is_regression(base) else "max"
     init_ray(address)
     cpus = ray.cluster_resources().get("CPU", 1)
@@ -136,14 +144,15 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
     concurrent = concurrency(base, cpus)
     threads = max(1, int(cpus // concurrent // base.tune.workers))  # torch threads per trial worker
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=config.to_dict(base), sweep_dir=str(sweep_dir), threads=threads),
+        tune.with_parameters(_trial, base=config.to_dict(base), sweep=sweep, threads=threads),
         {"cpu": TRIAL_CPUS})
-    run_config = tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+    parent, name = sweep.rsplit("/", 1)
+    run_config = tune.RunConfig(name=name, storage_path=parent,
                                 failure_config=tune.FailureConfig(max_failures=base.tune.max_failures),
                                 verbose=0)
-    if tune.Tuner.can_restore(str(sweep_dir)):
-        log(f"resuming the sweep in {sweep_dir}: finished trials are kept")
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(sweep):
+        log(f"resuming the sweep in {sweep}: finished trials are kept")
+        tuner = tune.Tuner.restore(sweep, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable, param_space=space, run_config=run_config,
@@ -151,28 +160,47 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
                                         scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=concurrent))
     grid = tuner.fit()
-    rows = trial_rows(grid, base, sweep_dir, mode)
+    rows = trial_rows(grid, base, sweep, mode)
+    with tempfile.TemporaryDirectory() as tmp:  # a sweep in storage: its outputs are uploaded from here
+        return conclude(rows, base, sweep, Path(tmp) if is_uri(sweep) else Path(sweep), mode, log)
+
+
+def conclude(rows: list[dict], base: Config, sweep: str, out: Path, mode: str, log=print) -> dict:
+    """Write the sweep's outputs to `out` (uploading each to `sweep` when that is a URI): the
+    table, the best config and heat map, then the best trial's meta-test result."""
+    from metassl.train import load_trained
+
+    def publish(name: str) -> Path:
+        if is_uri(sweep):
+            upload(out / name, join(sweep, name))
+        return out / name
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(rows, out / "trials.csv")
+    publish("trials.csv")
     if not any(r["status"] != "error" and r["val"] is not None for r in rows):
-        raise MetasslError(f"no trial of the sweep in {sweep_dir} reached a validation; see trials.csv"
+        raise MetasslError(f"no trial of the sweep in {sweep} reached a validation; see trials.csv"
                            f"{': ' + rows[0]['error'] if rows and rows[0]['error'] else ''}")
-    write_table(rows, sweep_dir / "trials.csv")
     log(format_table(rows, base))
     best = max((r for r in rows if r["val"] is not None), key=lambda r: r["val"] if mode == "max" else -r["val"])
-    best_cfg = config.load(Path(best["run_dir"]) / "config.yaml")
-    best_cfg = config.with_values(best_cfg, {"name": f"{base.name}_tuned", "generator.actors": base.generator.actors,
-                                             "tune.space": {}})
-    config.dump(best_cfg, sweep_dir / "best.yaml")
-    plot_search(rows, base, sweep_dir / "search.png")
+    trained = load_trained(best["run_dir"])  # a trial in storage is fetched first
+    best_cfg = config.with_values(trained[0], {"name": f"{base.name}_tuned", "generator.actors": base.generator.actors,
+                                               "tune.space": {}})
+    config.dump(best_cfg, out / "best.yaml")
+    publish("best.yaml")
+    plot_search(rows, base, out / "search.png")
+    publish("search.png")
     log(f"best trial {best['trial_id']}: meta-val {best['val']:.4f} at step {best['best_step']}; "
-        f"config {sweep_dir / 'best.yaml'}")
+        f"config {join(sweep, 'best.yaml')}")
     summary = {"best_trial": best["trial_id"], "val": best["val"], "values": best["values"],
                "run_dir": best["run_dir"], "trials": len(rows)}
-    summary["test"] = evaluate_best(best_cfg, Path(best["run_dir"]), log)
-    (sweep_dir / "test_result.json").write_text(json.dumps(summary, indent=2))
+    summary["test"] = evaluate_best(best_cfg, trained, log)
+    (out / "test_result.json").write_text(json.dumps(summary, indent=2))
+    publish("test_result.json")
     return summary
 
 
-def trial_rows(grid, base: Config, sweep_dir: Path, mode: str) -> list[dict]:
+def trial_rows(grid, base: Config, sweep: str, mode: str) -> list[dict]:
     """One row per trial: sampled values, best meta-val, steps run, status."""
     rows = []
     for result in grid:
@@ -180,8 +208,8 @@ def trial_rows(grid, base: Config, sweep_dir: Path, mode: str) -> list[dict]:
         history = result.metrics_dataframe
         vals = [] if history is None or "val" not in history else [v for v in history["val"] if v == v]
         steps = int(history["step"].max()) if history is not None and "step" in history else 0
-        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(sweep_dir, result.path)
-        run_dir = sweep_dir / "runs" / trial_id
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(sweep, result.path)
+        run_dir = join(sweep, "runs", trial_id)
         status = ("error" if result.error else "completed" if steps >= base.train.steps
                   else "stopped early")
         best = (max(vals) if mode == "max" else min(vals)) if vals else None
@@ -189,15 +217,14 @@ def trial_rows(grid, base: Config, sweep_dir: Path, mode: str) -> list[dict]:
         if best is not None:  # the step of the best validation
             best_step = int(history.loc[history["val"] == best, "step"].iloc[0])
         rows.append({"trial_id": trial_id, "values": values, "val": best, "steps": steps, "status": status,
-                     "best_step": best_step, "run_dir": str(run_dir),
+                     "best_step": best_step, "run_dir": run_dir,
                      "error": str(result.error).strip().splitlines()[-1] if result.error else ""})
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
-def _trial_id_from_path(sweep_dir: Path, path: str) -> str:
+def _trial_id_from_path(sweep: str, path: str) -> str:
     """The trial id of a trial that reported nothing, from its Tune folder name."""
-    runs = sweep_dir / "runs"
-    ids = [d.name for d in runs.iterdir()] if runs.is_dir() else []
+    ids = list_names(join(sweep, "runs"))
     return next((i for i in ids if i in Path(path).name), Path(path).name)
 
 
@@ -271,12 +298,11 @@ def _spread(rows: list[dict], key: str) -> float:
     return max(values) / min(values) if values and min(values) > 0 else 1.0
 
 
-def evaluate_best(cfg: Config, run_dir: Path, log=print) -> dict:
-    """Evaluate the best trial's best checkpoint on meta-test (the only read of meta-test)."""
+def evaluate_best(cfg: Config, trained: tuple, log=print) -> dict:
+    """Evaluate the best trial's best checkpoint (`load_trained`'s tuple) on meta-test (the only read of meta-test)."""
     from metassl.evaluate import evaluate_model
-    from metassl.train import load_trained
 
-    _, learner, model, params, buffers, _ = load_trained(run_dir)
+    _, learner, model, params, buffers, _ = trained
     res = evaluate_model(cfg, learner, model, params, buffers, split=cfg.eval.split, episodes=cfg.eval.episodes,
                          seed=cfg.eval.seed, inner_steps=cfg.eval.inner_steps)
     log(res.summary())

@@ -7,9 +7,9 @@ import pytest
 
 from metassl import config
 from metassl.cli import main
-from metassl.errors import StorageError
+from metassl.errors import ConfigError, StorageError
 from metassl.raytrain import run_ray
-from metassl.storage import RunStore
+from metassl.storage import RunStore, cache_root, read_text
 from metassl.train import load_trained, run_local
 
 TINY = ["model.hidden=8", "episodes.meta_batch=2", "train.log_every=1", "train.val_every=2", "train.val_episodes=10",
@@ -65,3 +65,38 @@ def test_storage_credentials_and_reachability_errors_are_clear(s3, tmp_path, mon
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(StorageError, match="cannot list 's3://metassl/runs/away'"):
         run_local(cfg, "s3://metassl/runs/away", log=lambda *_: None)
+    from metassl.tune import run_tune
+    sweep_cfg = config.load("experiments/digits_protonet.yaml", TINY + [
+        "train.steps=2", "tune.space={optim.outer_lr: {grid: [0.05]}}"])
+    with pytest.raises(StorageError, match="cannot list 's3://metassl/sweeps/away'"):
+        run_tune(sweep_cfg, "s3://metassl/sweeps/away", log=lambda *_: None)
+
+
+def test_sweep_in_s3_keeps_its_state_trials_and_outputs_there(s3, tmp_path):
+    from metassl.tune import run_tune
+
+    sweep = "s3://metassl/sweeps/digits"
+    cfg = config.load("experiments/digits_protonet.yaml", TINY + [
+        "train.steps=4", "train.checkpoint_every=2", "tune.samples=1", "tune.concurrent=2", "optim.optimizer=sgd",
+        "tune.grace_steps=4", "tune.space={optim.outer_lr: {grid: [0.05, 0.1]}}"])  # ASHA stops neither trial
+    summary = run_tune(cfg, sweep, log=lambda *_: None)
+    files = _files(s3, "metassl/sweeps/digits")
+    assert {"trials.csv", "best.yaml", "test_result.json", "search.png"} <= files
+    trials = {f.split("/")[1] for f in files if f.startswith("runs/")}
+    assert len(trials) == 2 and summary["best_trial"] in trials
+    for trial in trials:  # each trial's run directory, written by its Ray Train worker, is in S3
+        assert {f"runs/{trial}/result.json", f"runs/{trial}/checkpoints/best.pt"} <= files
+    assert summary["run_dir"] == f"{sweep}/runs/{summary['best_trial']}"
+    assert "tuner.pkl" in files, sorted(files)  # Tune's own state, for resuming on another machine
+
+    finished = json.loads(read_text(f"{sweep}/runs/{summary['best_trial']}/result.json"))
+    assert finished["steps"] == 4  # what a resumed trial reads to report without retraining
+    assert read_text(f"{sweep}/runs/none/result.json") is None
+
+    shutil.rmtree(cache_root() / "runs")  # another machine: no local mirrors, the sweep resumes from S3 alone
+    lines = []
+    again = run_tune(cfg, sweep, log=lines.append)
+    assert any("resuming the sweep" in line for line in lines)
+    assert again["best_trial"] == summary["best_trial"] and again["trials"] == 2
+    with pytest.raises(ConfigError, match="holds a training run, not a sweep"):
+        run_tune(cfg, summary["run_dir"])
