@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +43,12 @@ def is_uri(location: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def split(location: str) -> tuple[str, str]:
+    """(parent, name) of a URI or an absolute local path."""
+    parent, _, name = location.rstrip("/").rpartition("/")
+    return parent, name
+
+
 def join(base: str | Path, *parts: str) -> str:
     """`base/part/...` for a local path or a URI."""
     if is_uri(base):
@@ -51,6 +58,18 @@ def join(base: str | Path, *parts: str) -> str:
 
 def _hint(uri: str) -> str:
     return CREDENTIALS_HINT.get(uri.split("://", 1)[0], "check the credentials in the environment")
+
+
+@contextmanager
+def _errors(action: str, location: str):
+    """Report pyarrow and OS errors inside the block as a StorageError naming the action,
+    the location and where credentials come from."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"{action} {location!r}: {e}. {_hint(location)}") from None
 
 
 def check_credentials(uri: str) -> None:
@@ -70,8 +89,9 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) of a storage URI; StorageError when pyarrow cannot open it."""
     check_credentials(uri)
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowException, OSError, ValueError) as e:
+        with _errors("cannot open storage", uri):
+            fs, path = pafs.FileSystem.from_uri(uri)
+    except ValueError as e:
         raise StorageError(f"cannot open storage {uri!r}: {e}. {_hint(uri)}") from None
     return fs, path.rstrip("/")
 
@@ -86,10 +106,8 @@ def list_names(location: str | Path) -> list[str]:
         folder = Path(location)
         return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     fs, path = open_uri(str(location))
-    try:
+    with _errors("cannot list", str(location)):
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except (pa.ArrowException, OSError) as e:
-        raise StorageError(f"cannot list {str(location)!r}: {e}. {_hint(str(location))}") from None
     return sorted(i.base_name for i in infos)
 
 
@@ -99,22 +117,18 @@ def read_text(location: str | Path) -> str | None:
         path = Path(location)
         return path.read_text() if path.is_file() else None
     fs, path = open_uri(str(location))
-    try:
+    with _errors("cannot read", str(location)):
         if fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with fs.open_input_stream(path) as f:
             return f.read().decode()
-    except (pa.ArrowException, OSError) as e:
-        raise StorageError(f"cannot read {str(location)!r}: {e}. {_hint(str(location))}") from None
 
 
 def upload(path: Path, uri: str) -> None:
     """Copy the local file `path` to the storage URI `uri`."""
     fs, target = open_uri(uri)
-    try:
+    with _errors("cannot write", uri):
         pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    except (pa.ArrowException, OSError) as e:
-        raise StorageError(f"cannot write {uri!r}: {e}. {_hint(uri)}") from None
 
 
 class RunStore:
@@ -132,7 +146,7 @@ class RunStore:
             return
         self.fs, self.path = open_uri(self.location)
         digest = hashlib.sha1(self.location.encode()).hexdigest()[:16]
-        self.local = cache_root() / "runs" / digest / self.path.rsplit("/", 1)[-1]
+        self.local = cache_root() / "runs" / digest / split(self.path)[1]
 
     @property
     def name(self) -> str:
@@ -141,16 +155,12 @@ class RunStore:
     @property
     def parent(self) -> str:
         """The folder or URI that holds the run directory (Ray's `storage_path`)."""
-        if self.remote:
-            return self.location.rstrip("/").rsplit("/", 1)[0]
-        return str(self.local.parent)
+        return split(self.location)[0] if self.remote else str(self.local.parent)
 
     def _remote_files(self) -> dict[str, int]:
         """Relative path -> size of every file under the remote run directory ({} when there is none)."""
-        try:
+        with _errors("cannot list", self.location):
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
-        except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"cannot list {self.location!r}: {e}. {_hint(self.location)}") from None
         return {i.path[len(self.path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
     def pull(self) -> None:
@@ -173,11 +183,9 @@ class RunStore:
             target = self.local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".part")
-            try:
+            with _errors("cannot read", f"{self.location}/{rel}"):
                 pafs.copy_files(f"{self.path}/{rel}", str(tmp), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
-            except (pa.ArrowException, OSError) as e:
-                raise StorageError(f"cannot read {self.location}/{rel}: {e}. {_hint(self.location)}") from None
             os.replace(tmp, target)
             self._pushed[rel] = _signature(target)
 
@@ -187,7 +195,7 @@ class RunStore:
             return
         local = {str(p.relative_to(self.local)): p for p in self.local.rglob("*")
                  if p.is_file() and not p.name.endswith((".tmp", ".part"))}
-        try:
+        with _errors("cannot write to", self.location):
             for rel, p in sorted(local.items()):
                 signature = _signature(p)
                 if self._pushed.get(rel) == signature:
@@ -199,10 +207,6 @@ class RunStore:
                 if rel.startswith("checkpoints/step_") and rel not in local:
                     self.fs.delete_file(f"{self.path}/{rel}")
                     self._pushed.pop(rel, None)
-        except (pa.ArrowException, OSError) as e:
-            if isinstance(e, StorageError):
-                raise
-            raise StorageError(f"cannot write to {self.location!r}: {e}. {_hint(self.location)}") from None
 
 
 def _signature(path: Path) -> tuple[int, int]:

@@ -192,8 +192,9 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     head_params = ({k: v.detach().clone().to(device).requires_grad_() for k, v in heads.named_parameters()}
                    if use_ssl else {})
     ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature)
-    all_params = list(params.values()) + list(head_params.values())
-    opt, sched = make_optimizer(cfg, {**params, **head_params})
+    named = {**params, **head_params}  # every outer-loop parameter, by name
+    all_params = list(named.values())
+    opt, sched = make_optimizer(cfg, named)
     store = RunStore(run_dir)
     if lead:
         store.pull()  # a run kept in object storage resumes on any machine
@@ -207,7 +208,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         check_resumable(cfg, run_dir, saved=state["config"])
         with torch.no_grad():
             for k, v in {**state["params"], **state.get("head_params", {})}.items():
-                (params.get(k) if k in params else head_params[k]).copy_(v)
+                named[k].copy_(v)
         buffers.update({k: v.to(device) for k, v in state["buffers"].items()})
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -28,7 +28,7 @@ from metassl import config
 from metassl.config import Config
 from metassl.data import FORBIDDEN_SPLITS_ENV
 from metassl.errors import ConfigError, MetasslError
-from metassl.storage import is_uri, join, list_names, read_text, upload
+from metassl.storage import is_uri, join, list_names, read_text, split, upload
 
 PLOT_AXES = ("learner.inner_lr", "optim.outer_lr")  # the heat map's axes when both are searched
 TRIAL_CPUS = 0.1  # what the trial's driver function itself asks Ray for (its workers ask for their own)
@@ -146,7 +146,7 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=config.to_dict(base), sweep=sweep, threads=threads),
         {"cpu": TRIAL_CPUS})
-    parent, name = sweep.rsplit("/", 1)
+    parent, name = split(sweep)
     run_config = tune.RunConfig(name=name, storage_path=parent,
                                 failure_config=tune.FailureConfig(max_failures=base.tune.max_failures),
                                 verbose=0)
