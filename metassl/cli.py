@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="meta-train from a YAML config, then evaluate on meta-test")
-    t.add_argument("config", help="YAML config file (see experiments/)")
+    t.add_argument("config", nargs="?", help="YAML config file (see experiments/); omitted: the defaults")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set learner.inner_lr=0.1 (repeatable)")
     t.add_argument("--run-dir", help="run directory (default runs/<name>); an existing run there resumes")
@@ -186,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MetasslError as e:
-        print(f"metassl {args.command}: error: {e}", file=sys.stderr)
+        print(f"metassl {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"metassl {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ wrong types and out-of-range values raise `ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,13 +28,18 @@ class DataConfig:
     protocol: str = "supervised"  # omniglot: supervised (rotations as classes) | unsupervised
     image_size: int = 28  # images are resized to image_size x image_size
     channels: int = 1  # imagefolder: 1 (grey) or 3 (RGB)
+    # imagefolder:PATH with one folder of classes (no train/val/test subfolders): the
+    # fractions of its classes that go to meta-train, meta-val and meta-test, drawn with
+    # split_seed (the split is a function of these two keys and the class names)
+    split_fractions: tuple[float, ...] = (0.6, 0.2, 0.2)
+    split_seed: int = 0
 
 
 @dataclass(frozen=True)
 class EpisodeConfig:
     """Shape of the training episodes."""
 
-    n_way: int = 5  # classes per episode (ignored by sinusoid)
+    n_way: int = 3  # classes per episode (ignored by sinusoid); the default dataset (digits) has 3 per val/test
     k_shot: int = 1  # support examples per class (sinusoid: support points)
     n_query: int = 15  # query examples per class (sinusoid: query points)
     meta_batch: int = 4  # episodes per outer step
@@ -100,6 +107,10 @@ class TrainConfig:
     max_failures: int = 2  # Ray backend: worker failures to recover from (from the last checkpoint)
     max_minutes: float = 0.0  # stop early (then validate, save, evaluate) after this wall time; 0: no limit
     pretrain_baseline_steps: int = 5000  # sinusoid: steps of the pretrained-on-all-tasks baseline
+    # a step whose loss or meta-gradient is NaN/inf: stop (exit 2, naming the step and the
+    # last good checkpoint) or skip it (no update; counted as train/skipped_steps)
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10  # skip mode: stop after this many non-finite steps in a row
 
 
 @dataclass(frozen=True)
@@ -212,12 +223,13 @@ CHOICES = {
     "generator.kind": ("labelled", "augment", "cluster"),
     "generator.encoder": ("pca", "model"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nonfinite": ("stop", "skip"),
     "tune.search": ("random", "optuna"),
 }
 POSITIVE = [
     "learner.inner_lr", "optim.outer_lr", "episodes.k_shot", "episodes.n_query", "episodes.meta_batch",
     "train.steps", "train.log_every", "train.val_episodes", "train.checkpoint_every",
-    "train.keep_checkpoints", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
+    "train.keep_checkpoints", "train.max_skipped_steps", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
     "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
     "generator.embedding_dim", "objective.temperature", "objective.proj_dim",
     "tune.samples", "tune.workers", "tune.reduction_factor",
@@ -263,12 +275,69 @@ def _validate_space(space: Any) -> None:
                 low, high = (float(v) for v in values)
             except (TypeError, ValueError):
                 raise ConfigError(f"tune.space[{key!r}].{kind} must be [low, high], got {values!r}") from None
-            if not low < high or (kind == "loguniform" and low <= 0):
+            if not (math.isfinite(low) and math.isfinite(high)) or not low < high or (
+                    kind == "loguniform" and low <= 0):
                 raise ConfigError(f"tune.space[{key!r}].{kind}={values}: need "
                                   f"{'0 < ' if kind == 'loguniform' else ''}low < high")
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# Upper bounds that no real run reaches: a value past them is a typo or hostile, and would
+# otherwise hang or exhaust memory instead of failing.
+AT_MOST = {
+    "train.val_episodes": 1_000_000, "eval.episodes": 1_000_000, "train.threads": 1024,
+    "generator.episodes_per_task": 100_000, "generator.max_in_flight": 10_000, "generator.actors": 100_000,
+    "generator.clusters": 1_000_000, "generator.partitions": 1_000, "tune.samples": 100_000,
+    "tune.workers": 10_000, "tune.concurrent": 100_000, "learner.inner_steps": 10_000,
+    "learner.eval_inner_steps": 10_000, "train.max_failures": 1_000, "train.keep_checkpoints": 100_000,
+    "data.image_size": 4096, "model.hidden": 65_536, "objective.proj_dim": 65_536,
+    "generator.embedding_dim": 65_536,
+}
+MAX_SEED = 2**31 - 1
+MAX_BATCH_BYTES = 64 * 2**30  # first-layer activations of one meta-batch (float32)
+MAX_PARAMS = 2_000_000_000  # parameters of the backbone, its head and the SSL heads
+
+
+def _check_sizes(cfg: Config) -> None:
+    """Refuse shapes that cannot fit in memory, naming the keys, before any data is loaded."""
+    ep, m = cfg.episodes, cfg.model
+    if cfg.data.dataset == "sinusoid":
+        return
+    way, shot, query = (cfg.eval.n_way or ep.n_way, cfg.eval.k_shot or ep.k_shot, cfg.eval.n_query or ep.n_query)
+    side = cfg.data.image_size
+    per_image = m.hidden * side * side * 4 if m.backbone == "conv4" else 4 * max(m.mlp_hidden or (1,))
+    for keys, images in (
+            ("episodes.meta_batch x episodes.n_way x (episodes.k_shot + episodes.n_query)",
+             ep.meta_batch * ep.n_way * (ep.k_shot + ep.n_query)),
+            ("eval n_way x (k_shot + n_query)", way * (shot + query))):
+        if images * per_image > MAX_BATCH_BYTES:
+            raise ConfigError(f"{keys} = {images} images of {side}x{side} with model.hidden={m.hidden} need "
+                              f"{images * per_image / 2**30:.3g} GiB of activations per layer; at most "
+                              f"{MAX_BATCH_BYTES / 2**30:g} GiB")
+    if m.backbone == "conv4":
+        dim = m.hidden * (side // 16) ** 2
+        params = 9 * m.hidden * (cfg.data.channels + 3 * m.hidden) + dim * max(ep.n_way, way)
+        params += (dim * dim + dim * cfg.objective.proj_dim) if cfg.objective.ssl_weight else 0
+        if params > MAX_PARAMS:
+            raise ConfigError(f"model.hidden={m.hidden}, data.image_size={side} (and the heads) make "
+                              f"{params:.3g} parameters; at most {MAX_PARAMS:.3g}")
+
+
 def _validate(cfg: Config) -> None:
+    if not NAME_PATTERN.fullmatch(cfg.name):
+        raise ConfigError(f"name={_short(cfg.name)} must be a plain name (letters, digits, '_', '.', '-'; "
+                          "starting with a letter or digit; at most 100 characters): it names the run "
+                          "directory <storage>/<name>")
+    for key in ("seed", "eval.seed", "data.split_seed"):
+        if not 0 <= _get(cfg, key) <= MAX_SEED:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be in [0, {MAX_SEED}]")
+    for key, most in AT_MOST.items():
+        if _get(cfg, key) > most:
+            raise ConfigError(f"{key}={_get(cfg, key)} is larger than the most that can run ({most})")
+    for key in ("episodes.n_way", "episodes.k_shot", "episodes.n_query", "episodes.meta_batch",
+                "train.steps", "train.log_every", "train.val_every", "train.checkpoint_every"):
+        if _get(cfg, key) > 10**12:
+            raise ConfigError(f"{key}={_get(cfg, key)} is out of range (at most 10**12)")
     _validate_space(cfg.tune.space)
     for key, valid in CHOICES.items():
         if _get(cfg, key) not in valid:
@@ -298,6 +367,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} is out of range")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be > 0 or null")
+    fr = cfg.data.split_fractions
+    if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1) > 1e-6:
+        raise ConfigError(f"data.split_fractions={list(fr)} must be three fractions > 0 "
+                          "(train, val, test) that sum to 1")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"data.channels={cfg.data.channels} must be 1 or 3")
     a = cfg.generator.augment
@@ -317,6 +390,7 @@ def _validate(cfg: Config) -> None:
                           "generator.ssl_views=true (with generator.kind augment or cluster)")
     if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
         raise ConfigError("generator.ssl_views=true needs generator.kind 'augment' or 'cluster'")
+    _check_sizes(cfg)
     if cfg.model.norm == "group" and cfg.model.hidden % 8:
         raise ConfigError(f"model.norm='group' uses 8 groups, so model.hidden={cfg.model.hidden} must be a multiple of 8")
     head_learner = cfg.learner.name in ("maml", "fomaml", "reptile")
@@ -368,15 +442,41 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_tp, _) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}={value} is too large for a float") from None
     if tp is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}={value!r} must be of type {tp.__name__}")
+        raise ConfigError(f"{key}={_short(value)} must be of type {tp.__name__}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number (NaN and infinity are refused)")
+    if tp is int and abs(value) > MAX_INT:
+        raise ConfigError(f"{key}={value} is out of range (|value| <= {MAX_INT})")
+    if tp is str:
+        _check_text(value, key)
     return value
+
+
+MAX_INT = 2**62  # larger integers cannot be a count, a size or a seed
+
+
+def _check_text(value: str, key: str) -> None:
+    """Strings in a config name things (paths, datasets, URIs): no control characters, no novels."""
+    if len(value) > 4096:
+        raise ConfigError(f"{key} is {len(value)} characters long; at most 4096")
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"{key}={_short(value)} contains the control character {bad!r}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
@@ -385,7 +485,7 @@ def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         where = f"in '{prefix}' " if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]!r}; valid keys: {sorted(names)}")
@@ -427,10 +527,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. learner.inner_lr=0.1")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        value = parse_yaml(raw, f"the value of override {item!r}")
         try:
             set_key(data, key, value)
         except ConfigError as e:
@@ -446,19 +543,92 @@ def with_values(cfg: Config, values: dict) -> Config:
     return from_dict(data)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file or override larger than this is refused
+MAX_DEPTH = 20  # nesting of mappings and lists (the real schema is 4 deep)
+MAX_NODES = 100_000  # YAML nodes after alias expansion (billion-laughs guard)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)` for untrusted text: size, depth and alias expansion are bounded.
+
+    `where` names the text in errors ("config file 'x.yaml'", "override 'k=v'"). Nesting
+    deeper than MAX_DEPTH, recursive aliases, and aliases that expand to more than
+    MAX_NODES nodes raise ConfigError before anything is built from the text.
+    """
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # a flat event stream: no recursion
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"{where} nests deeper than {MAX_DEPTH} levels")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _expanded_size(node, where, {}, set())
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def _expanded_size(node, where: str, sizes: dict, active: set) -> int:
+    """Nodes in `node` with every alias expanded; raises ConfigError on cycles or past MAX_NODES."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise ConfigError(f"{where} has a recursive alias (a node that contains itself)")
+    active.add(key)
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+        keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise ConfigError(f"{where} sets the key {_short(twice)} twice in one mapping")
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, where, sizes, active)
+        if size > MAX_NODES:
+            raise ConfigError(f"{where} expands (through aliases) to more than {MAX_NODES} values")
+    active.discard(key)
+    sizes[key] = size
+    return size
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides.
+
+    The file is untrusted input: it must be UTF-8, at most MAX_CONFIG_BYTES, at most
+    MAX_DEPTH deep and free of recursive or exploding aliases; an empty file is the defaults.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        where = f"config file {str(path)!r}"
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            if not path.is_file():
+                raise ConfigError(f"{where} does not exist or is not a file")
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes")
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{where} cannot be read ({e.strerror or e})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where} is not UTF-8 text (byte {e.start}); a config is a YAML file") from None
+        data = parse_yaml(text, where)
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+            raise ConfigError(f"{where} must hold a mapping at the top level, got {type(data).__name__}")
     return from_dict(apply_overrides(data, overrides or []))
 
 

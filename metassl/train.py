@@ -18,7 +18,7 @@ import yaml
 
 from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, to_dict
-from metassl.errors import CheckpointError, ConfigError, DataError
+from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource
 from metassl.meta.functional import INNER_LR
@@ -143,6 +143,52 @@ class LocalContext:
         pass
 
 
+class NonFiniteError(MetasslError):
+    """A step's loss or meta-gradient was NaN or infinite and `train.on_nonfinite` stops the run."""
+
+
+class NonFiniteGuard:
+    """What a step whose loss or meta-gradient is NaN/inf does: stop the run, or skip the step.
+
+    Every worker computes a local flag; it travels as one more element of the gradient
+    all-reduce, so all workers agree without a collective of their own. `skip` leaves the
+    weights, optimiser and running statistics as they were before the step and counts it;
+    more than `max_in_a_row` skipped steps in a row stop the run.
+    """
+
+    def __init__(self, policy: str, max_in_a_row: int, skipped: int = 0):
+        self.policy, self.max_in_a_row = policy, max_in_a_row
+        self.skipped, self.in_a_row = skipped, 0
+
+    @staticmethod
+    def norm(grads: list[torch.Tensor]) -> torch.Tensor:
+        """The global L2 norm of a list of gradients (not finite when any element is not)."""
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    @classmethod
+    def flag(cls, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+        """`[1.0]` when the loss or any gradient element is not finite, else `[0.0]`."""
+        return (~(torch.isfinite(loss.detach().float()) & torch.isfinite(cls.norm(grads)))).float().reshape(1)
+
+    def on_bad_step(self, step: int, loss: float, grad_norm: float, last_checkpoint: str | None) -> str | None:
+        """Count a bad step; return the message to stop with, or None to skip it."""
+        self.skipped += 1
+        self.in_a_row += 1
+        where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                 else "no checkpoint was saved before it")
+        what = f"step {step}: the loss ({loss:.4g}) or the meta-gradient (norm {grad_norm:.4g}) is not finite"
+        if self.policy == "stop":
+            return (f"{what}; training stopped (train.on_nonfinite=stop); {where}. Lower learner.inner_lr or "
+                    "optim.outer_lr, set optim.grad_clip, or skip such steps with train.on_nonfinite=skip")
+        if self.in_a_row > self.max_in_a_row:
+            return (f"{what}, the {self.in_a_row}th such step in a row (train.max_skipped_steps="
+                    f"{self.max_in_a_row}); training stopped; {where}")
+        return None
+
+    def on_good_step(self) -> None:
+        self.in_a_row = 0
+
+
 class Progress:
     """Console progress lines: step, loss, accuracy, validation, episodes/s and ETA."""
 
@@ -163,7 +209,14 @@ class Progress:
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
     ctx = LocalContext(max(cfg.generator.actors, 0), local_device(cfg.train.device))
-    return train_loop(cfg, run_dir, ctx, log)
+    return raise_if_stopped(train_loop(cfg, run_dir, ctx, log))
+
+
+def raise_if_stopped(result: dict) -> dict:
+    """`result`, or NonFiniteError when the run stopped on a non-finite step (its result.json says so)."""
+    if result.get("error"):
+        raise NonFiniteError(result["error"])
+    return result
 
 
 def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: bool = True) -> dict | None:
@@ -201,7 +254,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     run_dir = store.local
     check_resumable(cfg, run_dir)
 
-    start, best, history, losses, resumes = 0, None, [], [], []
+    start, best, history, losses, resumes, skipped = 0, None, [], [], [], 0
     resumed = ctx.resume_state(run_dir)
     if resumed is not None:
         state, name = resumed
@@ -218,6 +271,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         start, best = state["step"], state.get("best_val")
         history, losses = list(state.get("val_history", [])), list(state.get("loss_history", []))
         resumes = list(state.get("resumed_at", [])) + [start]
+        skipped = int(state.get("skipped_steps", 0))
         if lead:
             log(f"resuming {run_dir} from {name} (step {start})")
 
@@ -247,6 +301,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         if start == 0:
             _write_hparams(writer, cfg)
     progress = Progress(cfg.train.steps, start, log)
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, skipped)
     higher_is_better = not is_regression(cfg)
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
 
@@ -259,7 +314,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
 
     def save(step: int, val: float | None) -> Path:
         nonlocal best
-        is_best = val is not None and (best is None or (val > best if higher_is_better else val < best))
+        is_best = val is not None and math.isfinite(val) and (
+            best is None or (val > best if higher_is_better else val < best))
         if is_best:
             best = val
         path = checkpoint.step_path(run_dir, step)
@@ -268,7 +324,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             "params": params, "buffers": buffers, "head_params": head_params,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
-            "loss_history": losses, "resumed_at": resumes,
+            "loss_history": losses, "resumed_at": resumes, "skipped_steps": guard.skipped,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
         })
         if is_best or not checkpoint.best_path(run_dir).exists():
@@ -279,9 +335,11 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         return path
 
     step, window_t, window_steps, window_wait, val = start, time.perf_counter(), 0, 0.0, None
+    stopped = None  # the message of a stop on a non-finite step
     while step < cfg.train.steps:
         fetched = train_tasks.batch(step)
         window_wait += fetched.wait_s
+        before = {k: v.clone() for k, v in buffers.items()}  # running statistics, restored if the step is skipped
         out = learner.meta_step(model, params, buffers, fetched.episodes.to(device))
         metrics = dict(out.metrics)
         views = fetched.ssl_views() if use_ssl else None
@@ -292,14 +350,30 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             metrics.update(parts, ssl_loss=float(ssl.detach()))
         metrics["meta_loss"] = float(out.loss.detach())
         grads, head_grads = combined_gradients(out, ssl, cfg.objective.ssl_weight, params, head_params)
-        grads = distributed.average_gradients(grads + head_grads)
-        for p, g in zip(all_params, grads):
-            p.grad = g
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(all_params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        distributed.average_buffers_(buffers)  # running statistics stay the same on every worker
+        total = out.loss + cfg.objective.ssl_weight * ssl if ssl is not None else out.loss
+        flag = guard.flag(total, grads + head_grads)
+        *grads, flag = distributed.average_gradients(grads + head_grads + [flag.to(grads[0])])
+        grad_norm = NonFiniteGuard.norm(grads)  # of the averaged meta-gradient (backbone and heads)
+        if float(flag) > 0:  # on every worker alike: the flag was all-reduced with the gradients
+            latest = checkpoint.latest(run_dir) if lead else None
+            stopped = guard.on_bad_step(step + 1, metrics["meta_loss"], float(grad_norm),
+                                        str(latest) if latest else None)
+            if stopped:
+                if lead:
+                    log(f"error: {stopped}")
+                break
+            for k, v in before.items():
+                buffers[k].copy_(v)
+        else:
+            guard.on_good_step()
+            for p, g in zip(all_params, grads):
+                p.grad = g
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(all_params, cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            distributed.average_buffers_(buffers)  # running statistics stay the same on every worker
+        metrics["grad_norm"] = float(grad_norm)
         step += 1
         window_steps += 1
         since = step - gen.warmup_steps
@@ -327,6 +401,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                 if fetched.records:
                     writer.add_scalar("gen/encoder_version", max(fetched.encoder_versions()), step)
                 writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
+                writer.add_scalar("train/skipped_steps", guard.skipped, step)
                 progress.line(step, {k: metrics[k] for k in ("meta_loss", "query_acc", "ssl_loss") if k in metrics},
                               eps, val)
             window_t, window_steps, window_wait = time.perf_counter(), 0, 0.0
@@ -346,12 +421,19 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     if not lead:
         return None
     writer.flush()
+    if stopped:  # nothing is evaluated or saved from a run that went non-finite
+        result = {"name": cfg.name, "error": stopped, "steps": step, "skipped_steps": guard.skipped,
+                  "best_val": best, "val_history": history, "loss_history": losses, "resumed_at": resumes}
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        writer.close()
+        store.push()
+        return result
     if final_eval:
         result = final_evaluation(cfg, run_dir, learner, model, log)
     else:
         result = {"name": cfg.name, "best_step": checkpoint.load(checkpoint.best_path(run_dir))["step"]}
     result.update({"steps": step, "best_val": best, "val_history": history, "loss_history": losses,
-                   "resumed_at": resumes,
+                   "resumed_at": resumes, "skipped_steps": guard.skipped,
                    "train_minutes": (time.perf_counter() - progress.t0) / 60})
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     if final_eval:
