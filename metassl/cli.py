@@ -191,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"metassl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (RecursionError, MemoryError, OSError, ValueError, TypeError, KeyError, IndexError) as e:
+        # input that slipped past validation must still end in one line, not a traceback
+        if os.environ.get("METASSL_DEBUG"):
+            raise
+        print(f"metassl {args.command}: error: {type(e).__name__}: {' '.join(str(e).split())[:500]} "
+              "(METASSL_DEBUG=1 shows where)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -359,6 +359,9 @@ def _validate(cfg: Config) -> None:
     if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
                           f"got {cfg.learner.name!r}")
+    if cfg.learner.vectorize and cfg.learner.name not in ("maml", "fomaml"):
+        raise ConfigError(f"learner.vectorize=true maps MAML's inner loop with vmap; learner.name="
+                          f"{cfg.learner.name!r} has none (use maml or fomaml)")
     if cfg.episodes.n_way < 2:
         raise ConfigError(f"episodes.n_way={cfg.episodes.n_way} must be >= 2")
     for key in ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.inner_steps"):

@@ -12,7 +12,7 @@ from torch import nn
 from metassl.config import Config
 from metassl.errors import DataError
 from metassl.meta.functional import Params, adapt, detached, forward, split_inner_lr
-from metassl.models import is_transductive
+from metassl.models import norm_mode
 
 
 @dataclass
@@ -107,11 +107,13 @@ def pretrain_on_all_tasks(model: nn.Module, init: Params, buffers: Params, tasks
 def protocol_of(cfg: Config, *, dataset: str, split: str, n_way: int, k_shot: int, n_query: int,
                 seed: int, inner_steps: int | None) -> dict:
     """The fields that say how a number was measured."""
+    from metassl.registry import has_inner_loop
+
     return {
         "dataset": dataset, "protocol": cfg.data.protocol if dataset.startswith("omniglot") else None,
         "split": split, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "seed": seed,
         "learner": cfg.learner.name, "inner_steps": inner_steps, "norm": cfg.model.norm,
-        "norm_mode": "transductive" if is_transductive(cfg.model.norm) else "non-transductive",
+        "norm_mode": norm_mode(cfg.model.norm, has_inner_loop(cfg)),
     }
 
 

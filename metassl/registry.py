@@ -44,7 +44,14 @@ def build_backbone(cfg: Config, learner) -> nn.Module:
         out = cfg.episodes.n_way if learner.needs_head else None
     m = cfg.model
     return build_model(m.backbone, out_features=out, in_channels=cfg.data.channels, hidden=m.hidden,
-                       norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden)
+                       norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
+                       support_statistics=has_inner_loop(cfg))
+
+
+def has_inner_loop(cfg: Config) -> bool:
+    """True for learners that adapt by gradient steps (MAML, first-order MAML, Meta-SGD, Reptile):
+    their BatchNorm uses support-set statistics in the inner loop and for queries (never running ones)."""
+    return cfg.learner.name in ("maml", "fomaml", "reptile")
 
 
 def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: int, seed: int,
@@ -106,7 +113,8 @@ def model_embedder(cfg: Config, state: dict):
 
     m = cfg.model
     model = build_model(m.backbone, out_features=None, in_channels=cfg.data.channels, hidden=m.hidden,
-                        norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden).eval()
+                        norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
+                        support_statistics=has_inner_loop(cfg)).eval()
     names = dict(model.named_parameters()) | dict(model.named_buffers())
     weights = {k: v for k, v in state.items() if k in names}
     missing = sorted(set(names) - set(weights))

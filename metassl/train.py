@@ -277,8 +277,10 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
 
     # Both splits load before the run directory is written, so bad data fails without
     # leaving anything behind. Validation uses the evaluation episode shape.
+    # Only rank 0 validates, so only rank 0 reads the validation split.
     n_way, k_shot, n_query = eval_shape(cfg)
-    val_tasks = build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
+    val_tasks = (build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
+                 if lead else None)
     # With `generator.encoder: model` the cluster generator embeds with the network being
     # meta-trained: version 1 is the initial network, a refresh after step s publishes s + 1.
     # With `warmup_steps` W the first publish is after step W (augment episodes until then).
@@ -327,8 +329,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             "loss_history": losses, "resumed_at": resumes, "skipped_steps": guard.skipped,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
         })
-        if is_best or not checkpoint.best_path(run_dir).exists():
-            checkpoint.mark_best(run_dir, path)
+        if is_best or (val is None and not checkpoint.best_path(run_dir).exists()):
+            checkpoint.mark_best(run_dir, path)  # a NaN validation never becomes best
         checkpoint.prune(run_dir, cfg.train.keep_checkpoints)
         writer.flush()
         store.push()
@@ -421,6 +423,9 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     if not lead:
         return None
     writer.flush()
+    if not stopped and not checkpoint.best_path(run_dir).exists():
+        stopped = (f"no validation of this run gave a finite score ({history[-3:]} ...), so there is no "
+                   f"best checkpoint to evaluate; see {run_dir / 'checkpoints'}")
     if stopped:  # nothing is evaluated or saved from a run that went non-finite
         result = {"name": cfg.name, "error": stopped, "steps": step, "skipped_steps": guard.skipped,
                   "best_val": best, "val_history": history, "loss_history": losses, "resumed_at": resumes}

@@ -24,7 +24,7 @@ def test_train_then_eval_json(trained_run, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["metric"] == "accuracy" and out["episodes"] == 30
     assert out["protocol"]["k_shot"] == 5 and out["protocol"]["n_way"] == 3
-    assert out["protocol"]["split"] == "test" and out["protocol"]["norm_mode"] == "non-transductive"
+    assert out["protocol"]["split"] == "test" and out["protocol"]["norm_mode"] == "non-transductive (running statistics)"
     assert 0.0 <= out["mean"] <= 1.0 and out["ci95"] > 0
 
 
@@ -98,3 +98,46 @@ def test_shards_that_do_not_fit_the_config_are_refused(tmp_path, capsys):
     assert main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(tmp_path / "run"), *TINY,
                  "--set", f"generator.shards={out}", "--set", "episodes.n_query=3"]) == 2
     assert "2-query" in capsys.readouterr().err
+
+
+def _tree(folder):
+    """{relative path: (size, mtime_ns)} of everything under `folder`."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("content", [
+    b"\xff\xfe\x00binary", b"a: " + b"[" * 2000 + b"]" * 2000, b"tune:\n  space: &s {x: *s}\n",
+    b"name: ../../../../tmp/escaped\n", b"episodes: {meta_batch: 100000000000}\n",
+    b"learner: {name: maml, inner_lr: .nan}\n", b"- not\n- a mapping\n",
+])
+def test_hostile_configs_exit_2_with_one_line_and_leave_an_existing_run_untouched(
+        content, trained_run, tmp_path):
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content)
+    before = _tree(trained_run)
+    proc = subprocess.run([sys.executable, "-m", "metassl.cli", "train", str(path), "--run-dir", str(trained_run),
+                           "--backend", "local"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("metassl train: error:")
+    assert _tree(trained_run) == before
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_train_with_overrides_alone_trains_the_default(tmp_path, capsys):
+    run = tmp_path / "default"
+    assert main(["train", "--set", "train.steps=2", "--set", "model.hidden=8", "--set", "train.val_episodes=5",
+                 "--set", "eval.episodes=10", "--run-dir", str(run), "--backend", "local"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert (run / "result.json").is_file()
+
+
+def test_a_diverging_run_exits_2_naming_the_step(tmp_path, capsys):
+    run = tmp_path / "diverge"
+    code = main(["train", "experiments/digits_protonet.yaml", "--run-dir", str(run), *TINY,
+                 "--set", "learner.name=maml", "--set", "learner.inner_lr=1e30"])
+    err = capsys.readouterr().err
+    assert code == 2 and "step 1" in err and "not finite" in err and len(err.strip().splitlines()) == 1
+    assert "error" in json.loads((run / "result.json").read_text())
+    assert not (run / "checkpoints" / "best.pt").exists()

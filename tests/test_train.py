@@ -162,3 +162,107 @@ def test_device_settings():
         assert local_device("auto") == torch.device("cpu")
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             local_device("cuda")
+
+
+# --- the non-finite guard ---------------------------------------------------------------------
+
+def _poison(monkeypatch, bad_calls):
+    """Make the learner's meta_step return a NaN loss on the given (1-based) calls."""
+    import metassl.train as train_module
+
+    real = train_module.build_learner
+    calls = {"n": 0}
+
+    def build(cfg):
+        learner = real(cfg)
+        step = learner.meta_step
+
+        def meta_step(*args, **kwargs):
+            calls["n"] += 1
+            out = step(*args, **kwargs)
+            if calls["n"] in bad_calls:
+                out.loss = out.loss * float("nan")
+            return out
+        learner.meta_step = meta_step
+        return learner
+    monkeypatch.setattr(train_module, "build_learner", build)
+
+
+def test_a_non_finite_step_stops_the_run_naming_the_step_and_last_checkpoint(tmp_path, monkeypatch):
+    from metassl.train import NonFiniteError
+
+    _poison(monkeypatch, {7})
+    with pytest.raises(NonFiniteError) as err:
+        run_local(tiny(), tmp_path, log=_quiet)
+    message = str(err.value)
+    assert "step 7" in message and "nan" in message and "step_0000005.pt" in message
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["steps"] == 6 and saved["error"] == message and "test" not in saved
+    assert checkpoint.latest(tmp_path).name == "step_0000005.pt"  # nothing saved from the bad step
+
+
+def test_skip_mode_finishes_counting_skipped_steps_and_changes_nothing_on_them(tmp_path, monkeypatch):
+    from torch.utils.tensorboard.writer import SummaryWriter  # noqa: F401  (tensorboard is installed)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _poison(monkeypatch, {3, 4})
+    result = run_local(tiny("train.on_nonfinite=skip"), tmp_path / "skip", log=_quiet)
+    assert result["skipped_steps"] == 2 and result["steps"] == 10 and "test" in result
+    state = checkpoint.load(checkpoint.step_path(tmp_path / "skip", 10))
+    assert all(torch.isfinite(v).all() for v in [*state["params"].values(), *state["buffers"].values()])
+    events = EventAccumulator(str(tmp_path / "skip" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/skipped_steps")][-1] == 2
+
+
+def test_skip_mode_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
+    from metassl.train import NonFiniteError
+
+    _poison(monkeypatch, set(range(2, 20)))
+    with pytest.raises(NonFiniteError, match="step 5.*4th such step in a row"):
+        run_local(tiny("train.on_nonfinite=skip", "train.max_skipped_steps=3"), tmp_path, log=_quiet)
+
+
+def test_a_skipped_step_leaves_parameters_and_running_statistics_unchanged(tmp_path, monkeypatch):
+    # steps 1-2 good, step 3 skipped: after step 3 the state equals the state after step 2
+    _poison(monkeypatch, {3})
+    run_local(tiny("train.on_nonfinite=skip", "train.checkpoint_every=1", "train.keep_checkpoints=5",
+                   steps=3), tmp_path, log=_quiet)
+    two, three = (checkpoint.load(checkpoint.step_path(tmp_path, s)) for s in (2, 3))
+    for part in ("params", "buffers"):
+        for k in two[part]:
+            assert torch.equal(two[part][k], three[part][k]), (part, k)
+
+
+def test_a_nan_validation_never_becomes_best(tmp_path, monkeypatch):
+    import metassl.train as train_module
+
+    real = train_module.evaluate_model
+    calls = {"n": 0}
+
+    def evaluate(*args, **kwargs):
+        res = real(*args, **kwargs)
+        if kwargs.get("split") == "val":
+            calls["n"] += 1
+            if calls["n"] == 2:  # the validation at step 10 is NaN
+                res.mean = float("nan")
+        return res
+    monkeypatch.setattr(train_module, "evaluate_model", evaluate)
+    result = run_local(tiny(steps=10), tmp_path, log=_quiet)
+    assert result["best_step"] == 5 and result["best_val"] == result["val_history"][0][1]
+
+
+def test_maml_with_batch_norm_evaluates_with_the_normalisation_it_trained_with(tmp_path):
+    from metassl.evaluate import evaluate_model
+
+    cfg = tiny("learner.name=maml", "learner.inner_lr=0.1", "model.norm=batch", steps=6)
+    result = run_local(cfg, tmp_path, log=_quiet)
+    assert result["test"]["protocol"]["norm_mode"] == "non-transductive (support-set statistics)"
+    cfg, learner, model, params, buffers, _ = load_trained(tmp_path)
+    assert buffers == {}  # no running statistics: the same normalisation in training and at test time
+    kwargs = dict(split="test", episodes=20, seed=0)
+    model.train()
+    in_train_mode = evaluate_model(cfg, learner, model, params, buffers, **kwargs)
+    model.eval()
+    assert evaluate_model(cfg, learner, model, params, buffers, **kwargs).mean == in_train_mode.mean
+    assert in_train_mode.mean == result["test"]["mean"] or cfg.eval.episodes != 20

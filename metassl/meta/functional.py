@@ -34,6 +34,27 @@ def forward(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) 
     return functional_call(model, (params, buffers), (x,))
 
 
+def uses_support_statistics(model: nn.Module) -> bool:
+    """True when `model` normalises with support-set statistics (SupportBatchNorm2d layers)."""
+    from metassl.models.backbones import SupportBatchNorm2d
+
+    return any(isinstance(m, SupportBatchNorm2d) for m in model.modules())
+
+
+def query_forward(model: nn.Module, params: Params, buffers: Params, support_x: torch.Tensor,
+                  query_x: torch.Tensor) -> torch.Tensor:
+    """Outputs for `query_x` of a network adapted on `support_x`, normalised as in its inner loop.
+
+    With support-statistics BatchNorm the support set is run too, and every layer uses its
+    statistics (so queries never see each other); any other model runs on the queries alone.
+    """
+    if not uses_support_statistics(model):
+        return forward(model, params, buffers, query_x)
+    n = support_x.shape[0]
+    out = functional_call(model, (params, buffers), (torch.cat([support_x, query_x]),), {"reference": n})
+    return out[n:]
+
+
 def task_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy for integer labels, mean squared error for float targets."""
     if target.dtype.is_floating_point:

@@ -6,6 +6,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from metassl.data.episodes import Episode
+from metassl.errors import ConfigError
 from metassl.meta.functional import (
     MetaOutput,
     Params,
@@ -13,7 +14,7 @@ from metassl.meta.functional import (
     adapt,
     detached,
     INNER_LR,
-    forward,
+    query_forward,
     sgd_step,
     split_inner_lr,
     task_loss,
@@ -35,6 +36,7 @@ class MAML:
     """
 
     needs_head = True
+    inner_loop = True  # adapts by gradient steps: BatchNorm uses support-set statistics (see backbones)
 
     def __init__(
         self,
@@ -61,6 +63,9 @@ class MAML:
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query loss after adaptation over a batch `[tasks, ...]` of episodes."""
         weights, lr = split_inner_lr(params, self.inner_lr)
+        if self.vectorize and buffers:
+            raise ConfigError(f"learner.vectorize=true needs a model without running statistics (vmap cannot "
+                              f"update them in place); this one has {sorted(buffers)[:2]}...")
         if self.vectorize:
             losses, outputs = self._vmapped(model, weights, lr, buffers, batch)
         else:
@@ -70,7 +75,7 @@ class MAML:
                     model, weights, buffers, batch.support_x[t], batch.support_y[t],
                     inner_lr=lr, steps=self.inner_steps, first_order=self.first_order,
                 )
-                out = forward(model, adapted, buffers, batch.query_x[t])
+                out = query_forward(model, adapted, buffers, batch.support_x[t], batch.query_x[t])
                 losses.append(task_loss(out, batch.query_y[t]))
                 outputs.append(out)
             losses, outputs = torch.stack(losses), torch.stack(outputs)
@@ -87,7 +92,7 @@ class MAML:
                 if self.first_order:
                     g = {k: v.detach() for k, v in g.items()}
                 p = sgd_step(p, g, lr)
-            out = functional_call(model, (p, buffers), (qx,))
+            out = query_forward(model, p, buffers, sx, qx)
             return task_loss(out, qy), out
 
         return vmap(one_task, in_dims=(None, 0, 0, 0, 0))(
@@ -103,7 +108,7 @@ class MAML:
             adapted = adapt(model, detached(weights), buffers, episode.support_x, episode.support_y,
                             inner_lr=lr, steps=steps, first_order=True)
         with torch.no_grad():
-            return forward(model, adapted, buffers, episode.query_x)
+            return query_forward(model, adapted, buffers, episode.support_x, episode.query_x)
 
 
 def _metrics(loss: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metassl.data.episodes import Episode
-from metassl.meta.functional import MetaOutput, Params, adapt, detached, forward, task_loss
+from metassl.meta.functional import MetaOutput, Params, adapt, detached, query_forward, task_loss
 from metassl.meta.maml import _metrics
 
 
@@ -18,6 +18,7 @@ class Reptile:
     """
 
     needs_head = True
+    inner_loop = True  # adapts by gradient steps: BatchNorm uses support-set statistics (see backbones)
 
     def __init__(self, inner_lr: float = 0.1, inner_steps: int = 5, eval_inner_steps: int | None = None):
         self.inner_lr = inner_lr
@@ -36,7 +37,7 @@ class Reptile:
             with torch.no_grad():
                 for k in phi_sum:
                     phi_sum[k] += phi[k]
-                out = forward(model, phi, buffers, batch.query_x[t])
+                out = query_forward(model, phi, buffers, batch.support_x[t], batch.query_x[t])
                 losses.append(task_loss(out, batch.query_y[t]))
                 outputs.append(out)
         n_tasks = batch.support_x.shape[0]
@@ -52,4 +53,4 @@ class Reptile:
             phi = adapt(model, detached(params), buffers, episode.support_x, episode.support_y,
                         inner_lr=self.inner_lr, steps=steps, first_order=True)
         with torch.no_grad():
-            return forward(model, phi, buffers, episode.query_x)
+            return query_forward(model, phi, buffers, episode.support_x, episode.query_x)

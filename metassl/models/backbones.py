@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from metassl.errors import ConfigError
@@ -17,13 +18,42 @@ from metassl.errors import ConfigError
 NORMS = {
     "layer": "per-sample (GroupNorm with one group), no running statistics",
     "group": "per-sample GroupNorm with 8 groups, no running statistics",
-    "batch": "BatchNorm with running statistics (eval mode uses them: non-transductive)",
+    "batch": "BatchNorm with running statistics (eval mode uses them: non-transductive); under a learner "
+             "with an inner loop, statistics of the support set instead (see SupportBatchNorm2d)",
     "batch_transductive": "BatchNorm without running statistics (batch statistics, also at test time)",
     "none": "no normalisation",
 }
 
 
-def _norm_layer(norm: str, channels: int) -> nn.Module:
+class SupportBatchNorm2d(nn.Module):
+    """BatchNorm whose statistics come from the support set, in meta-training and at test time alike.
+
+    `forward(x, reference=None)` normalises each channel of `x` `[B, C, H, W]` with the mean
+    and (biased) variance of its first `reference` rows (all rows when None), then applies
+    the learned affine `weight`, `bias`. Learners with an inner loop (MAML, first-order MAML,
+    Meta-SGD, Reptile) adapt on the support set alone, so its statistics are the support's;
+    for the query they pass `[support; query]` with `reference = len(support)`, so a query
+    is never normalised with other queries (not transductive) and the adapted network is
+    the same function at test time as in meta-training. No running statistics are kept:
+    nothing depends on train/eval mode, and the layer works under `torch.func.vmap`.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, reference: int | None = None) -> torch.Tensor:
+        ref = x if reference is None else x[:reference]
+        var, mean = torch.var_mean(ref, dim=(0, 2, 3), correction=0, keepdim=True)
+        scale = self.weight[None, :, None, None] * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias[None, :, None, None]
+
+
+def _norm_layer(norm: str, channels: int, support_statistics: bool = False) -> nn.Module:
+    if norm == "batch" and support_statistics:
+        return SupportBatchNorm2d(channels)
     if norm == "layer":
         return nn.GroupNorm(1, channels)
     if norm == "group":
@@ -42,12 +72,25 @@ def is_transductive(norm: str) -> bool:
     return norm == "batch_transductive"
 
 
+def norm_mode(norm: str, support_statistics: bool = False) -> str:
+    """How a model normalises at test time, as results record it."""
+    if is_transductive(norm):
+        return "transductive"
+    if norm == "batch" and support_statistics:
+        return "non-transductive (support-set statistics)"
+    if norm == "batch":
+        return "non-transductive (running statistics)"
+    return "non-transductive"
+
+
 class Conv4(nn.Module):
     """Conv-4: 4 x [3x3 conv `hidden`, norm, ReLU, 2x2 max-pool], then flatten.
 
     Input `[batch, in_channels, H, W]`; output `[batch, out_features]` when
     `out_features` is set (a linear classifier head, as MAML uses), else the flat
     embedding `[batch, hidden * (H // 16) * (W // 16)]` (ProtoNets, Matching Nets).
+    `support_statistics` makes `norm="batch"` a SupportBatchNorm2d (learners with an
+    inner loop); `forward(x, reference)` then normalises with the first `reference` rows.
     """
 
     def __init__(
@@ -57,6 +100,7 @@ class Conv4(nn.Module):
         norm: str = "layer",
         out_features: int | None = None,
         image_size: int = 28,
+        support_statistics: bool = False,
     ):
         super().__init__()
         if image_size < 16:
@@ -66,7 +110,7 @@ class Conv4(nn.Module):
         for _ in range(4):
             blocks += [
                 nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
-                _norm_layer(norm, hidden),
+                _norm_layer(norm, hidden, support_statistics),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
             ]
@@ -78,9 +122,10 @@ class Conv4(nn.Module):
         self.embedding_dim = hidden * side * side
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
 
-    def forward(self, x):
-        z = self.features(x)
-        return self.head(z) if self.head is not None else z
+    def forward(self, x, reference: int | None = None):
+        for layer in self.features:
+            x = layer(x, reference) if isinstance(layer, SupportBatchNorm2d) else layer(x)
+        return self.head(x) if self.head is not None else x
 
 
 class MLP(nn.Module):
@@ -110,10 +155,11 @@ def build_model(
     norm: str = "layer",
     image_size: int = 28,
     mlp_hidden: Sequence[int] = (40, 40),
+    support_statistics: bool = False,
 ) -> nn.Module:
-    """Return a fresh backbone by name (`conv4` or `mlp`)."""
+    """Return a fresh backbone by name (`conv4` or `mlp`); see Conv4 for `support_statistics`."""
     if backbone == "conv4":
-        return Conv4(in_channels, hidden, norm, out_features, image_size)
+        return Conv4(in_channels, hidden, norm, out_features, image_size, support_statistics)
     if backbone == "mlp":
         return MLP(1, tuple(mlp_hidden), out_features or 1)
     raise ConfigError(f"model.backbone={backbone!r} is not one of ['conv4', 'mlp']")
