@@ -200,3 +200,74 @@ def test_meta_sgd_step_sizes_get_the_finite_difference_gradient():
     same = {**weights, **learner.extra_params(weights)}
     plain = MAML(inner_lr=0.1, inner_steps=2).meta_step(model, weights, {}, batch)
     assert torch.allclose(learner.meta_step(model, same, {}, batch).loss, plain.loss, atol=1e-12)
+
+
+# --- BatchNorm under learners with an inner loop: support-set statistics ----------------------
+
+def _image_batch(tasks=2, n_way=3, k=2, q=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for _ in range(tasks):
+        sx = torch.rand(n_way * k, 1, 16, 16, generator=g)
+        qx = torch.rand(n_way * q, 1, 16, 16, generator=g)
+        eps.append(Episode(sx, torch.arange(n_way).repeat_interleave(k), qx, torch.arange(n_way).repeat_interleave(q)))
+    return stack_episodes(eps)
+
+
+def _support_bn_model():
+    from metassl.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("conv4", out_features=3, hidden=8, norm="batch", image_size=16, support_statistics=True)
+
+
+def test_support_batchnorm_uses_only_support_statistics_and_tracks_nothing():
+    from metassl.models.backbones import SupportBatchNorm2d
+
+    bn = SupportBatchNorm2d(4)
+    x = torch.randn(10, 4, 3, 3) * 3 + 1
+    out = bn(x, reference=4)
+    ref = nn.functional.batch_norm(x[:4], None, None, training=True)
+    assert torch.allclose(out[:4], ref, atol=1e-5)
+    assert torch.allclose(bn(x[:4]), ref, atol=1e-5)  # support alone: its own statistics
+    assert not list(bn.buffers())
+    bn.eval()
+    assert torch.equal(bn(x, reference=4), out)  # no train/eval difference
+
+
+@pytest.mark.parametrize("learner", [MAML(inner_lr=0.1, inner_steps=2), Reptile(inner_lr=0.1, inner_steps=2)],
+                         ids=["maml", "reptile"])
+def test_inner_loop_learners_normalise_queries_with_support_statistics_only(learner):
+    model, batch = _support_bn_model(), _image_batch()
+    params = _params(model)
+    ep = Episode(batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0])
+    full = learner.predict(model, params, {}, ep)
+    some = learner.predict(model, params, {}, Episode(ep.support_x, ep.support_y, ep.query_x[:3], ep.query_y[:3]))
+    assert torch.allclose(full[:3], some, atol=1e-5)  # a query's output does not depend on other queries
+    # training scores queries the same way: the meta-step's query loss equals the test-time one
+    one = stack_episodes([ep])
+    out = learner.meta_step(model, params, {}, one)
+    expected = task_loss(learner.predict(model, params, {}, ep, inner_steps=2), ep.query_y)
+    assert torch.allclose(out.loss.detach(), expected, atol=1e-5)
+
+
+def test_vectorized_maml_equals_loop_with_support_batchnorm():
+    model, batch = _support_bn_model(), _image_batch()
+    params = _params(model)
+    loop = MAML(inner_lr=0.1).meta_step(model, params, {}, batch)
+    vec = MAML(inner_lr=0.1, vectorize=True).meta_step(model, params, {}, batch)
+    assert torch.allclose(loop.loss, vec.loss, atol=1e-6)
+    g_loop = torch.autograd.grad(loop.loss, list(params.values()))
+    g_vec = torch.autograd.grad(vec.loss, list(params.values()))
+    for a, b in zip(g_loop, g_vec):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_vectorized_maml_refuses_a_model_with_running_statistics():
+    from metassl.errors import ConfigError
+    from metassl.models import build_model
+
+    model = build_model("conv4", out_features=3, hidden=8, norm="batch", image_size=16)  # BatchNorm2d
+    params, buffers = _params(model), {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.raises(ConfigError, match="running statistics"):
+        MAML(inner_lr=0.1, vectorize=True).meta_step(model, params, buffers, _image_batch())
