@@ -57,6 +57,16 @@ def load(path: str | Path) -> dict:
     missing = [k for k in ("config", "params", "buffers", "step") if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}")
+    for key in ("params", "buffers", "head_params"):
+        tensors = state.get(key, {})
+        if not isinstance(tensors, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            raise CheckpointError(f"checkpoint {str(path)!r}: {key!r} must map names to tensors")
+        bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {key}[{bad!r}] holds NaN or infinite values")
+    if not isinstance(state["config"], dict) or isinstance(state["step"], bool) or not isinstance(state["step"], int):
+        raise CheckpointError(f"checkpoint {str(path)!r}: 'config' must be a mapping and 'step' an integer")
     return state
 
 

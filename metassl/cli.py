@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"metassl {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (RecursionError, MemoryError, OSError, ValueError, TypeError, KeyError, IndexError) as e:
+    except (RecursionError, MemoryError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         # input that slipped past validation must still end in one line, not a traceback
         if os.environ.get("METASSL_DEBUG"):
             raise

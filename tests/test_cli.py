@@ -141,3 +141,37 @@ def test_a_diverging_run_exits_2_naming_the_step(tmp_path, capsys):
     assert code == 2 and "step 1" in err and "not finite" in err and len(err.strip().splitlines()) == 1
     assert "error" in json.loads((run / "result.json").read_text())
     assert not (run / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"params": [1, 2]}, "must map names to tensors"),
+    ({"params": {"w": float("nan")}}, "must map names to tensors"),
+    ({"buffers": {"b": "nan"}}, "must map names to tensors"),
+    ({"config": "not a mapping"}, "'config' must be a mapping"),
+    ({"config": {"name": "../escape"}}, "plain name"),
+    ({"step": "1"}, "'step' an integer"),
+])
+def test_hostile_checkpoints_are_refused_in_one_line(state, message, trained_run, tmp_path, capsys):
+    import torch
+
+    from metassl import checkpoint
+
+    good = checkpoint.load(checkpoint.best_path(trained_run))
+    path = tmp_path / "hostile.pt"
+    torch.save({**good, **state}, path)
+    assert main(["eval", str(path), "--episodes", "5"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(trained_run, tmp_path, capsys):
+    import torch
+
+    from metassl import checkpoint
+
+    good = checkpoint.load(checkpoint.best_path(trained_run))
+    name = next(iter(good["params"]))
+    good["params"][name] = torch.full_like(good["params"][name], float("nan"))
+    torch.save(good, tmp_path / "nan.pt")
+    assert main(["eval", str(tmp_path / "nan.pt"), "--episodes", "5"]) == 2
+    assert "NaN" in capsys.readouterr().err
