@@ -20,7 +20,7 @@ from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
-from metassl.generate.source import TrainingSource
+from metassl.generate.source import TrainingSource, encoder_version, uses_model_encoder
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
@@ -285,7 +285,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     # meta-trained: version 1 is the initial network, a refresh after step s publishes s + 1.
     # With `warmup_steps` W the first publish is after step W (augment episodes until then).
     gen = cfg.generator
-    refresh = gen.kind == "cluster" and gen.encoder == "model" and not gen.shards
+    refresh = uses_model_encoder(cfg)
     encoder = None
     if refresh:
         saved = resumed[0].get("encoder") if resumed is not None else None
@@ -378,10 +378,11 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         metrics["grad_norm"] = float(grad_norm)
         step += 1
         window_steps += 1
-        since = step - gen.warmup_steps
-        if refresh and ((gen.warmup_steps and since == 0)
-                        or (gen.refresh_every and since > 0 and since % gen.refresh_every == 0)):
-            encoder = (_weights(params, buffers), step + 1)
+        # the refresh schedule is a function of the step (generate.source.encoder_version), so
+        # which encoder makes an episode never depends on actors, chunks or restarts
+        version = encoder_version(cfg, step)
+        if refresh and version != encoder_version(cfg, step - 1):  # a refresh point: batch(step) needs it
+            encoder = (_weights(params, buffers), version)
             train_tasks.refresh_encoder(*encoder)
         out_of_time = distributed.any_true(time.perf_counter() > deadline)
         last = step == cfg.train.steps or out_of_time

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from metassl import config
 from metassl.config import AugmentConfig
 from metassl.data import load_split
 from metassl.errors import ConfigError, DataError
 from metassl.generate.augment import AugmentEpisodes, episode_seed
 from metassl.generate.cluster import ClusterEpisodes
+from metassl.generate.source import TrainingSource, encoder_version
 from metassl.ssl.views import random_views, rotate_quarters, ssl_views
 
 IDENTITY = AugmentConfig(rotation_deg=0, translate=0, scale_min=1, scale_max=1, shear_deg=0)
@@ -235,6 +237,87 @@ def test_cluster_errors():
         ClusterEpisodes(pool, 2, 1, 1, clusters=4, partitions=1, embedding_dim=100)
     with pytest.raises(DataError, match=r"\[B, D\]"):
         ClusterEpisodes(pool, 2, 1, 1, clusters=4, partitions=1, embed=lambda x: x)
+
+
+# --- encoder versions: episodes are a function of the config ----------------------------
+
+SELF_IMPROVING = ["generator.kind=cluster", "generator.encoder=model", "generator.clusters=12",
+                  "generator.partitions=1", "model.hidden=8", "episodes.n_way=3", "episodes.k_shot=1",
+                  "episodes.n_query=2", "episodes.meta_batch=2"]
+
+
+def self_improving(warmup: int, every: int, *overrides: str):
+    return config.load("experiments/digits_protonet.yaml", SELF_IMPROVING + [
+        f"generator.warmup_steps={warmup}", f"generator.refresh_every={every}", *overrides])
+
+
+def published_before(warmup: int, every: int, steps: int) -> list[int]:
+    """The version of each step's batch when a trainer publishes as train.py's loop does."""
+    version, out = (0 if warmup else 1), []
+    for step in range(1, steps + 1):
+        out.append(version)  # batch(step - 1) was fetched before this step's publish
+        since = step - warmup
+        if (warmup and since == 0) or (every and since > 0 and since % every == 0):
+            version = step + 1
+    return out
+
+
+def test_encoder_version_is_the_trainers_refresh_schedule():
+    for warmup, every in [(0, 0), (0, 2), (0, 3), (2, 0), (2, 2), (3, 2), (1, 3)]:
+        cfg = self_improving(warmup, every)
+        assert [encoder_version(cfg, s) for s in range(14)] == published_before(warmup, every, 14), (warmup, every)
+    assert [encoder_version(self_improving(3, 2), s) for s in range(8)] == [0, 0, 0, 4, 4, 6, 6, 8]
+    assert [encoder_version(self_improving(0, 2), s) for s in range(6)] == [1, 1, 3, 3, 5, 5]
+    pca = config.load("experiments/digits_protonet.yaml", ["generator.kind=cluster", "generator.encoder=pca"])
+    assert {encoder_version(pca, s) for s in range(10)} == {0}
+    with pytest.raises(DataError, match="step must be an integer >= 0, got -1"):
+        encoder_version(pca, -1)
+
+
+def version_weights(cfg, versions) -> dict:
+    """Distinct encoder weights for each version (the backbone initialised with seed = version)."""
+    from metassl.registry import build_backbone, build_learner
+
+    out = {}
+    for v in versions:
+        model = build_backbone(dataclasses.replace(cfg, seed=v), build_learner(cfg))
+        out[v] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return out
+
+
+def same_record(a, b) -> bool:
+    ea, eb = a.episode, b.episode
+    return ((a.episode_id, a.generator, a.seed, a.encoder_version) == (b.episode_id, b.generator, b.seed,
+                                                                       b.encoder_version)
+            and all(torch.equal(getattr(ea, k), getattr(eb, k)) for k in ("support_x", "query_x", "query_y")))
+
+
+def test_in_process_episodes_follow_the_schedule_and_leave_the_trainer_rng_alone():
+    cfg = self_improving(2, 2)
+    weights = version_weights(cfg, (3, 5))
+    source = TrainingSource(cfg, actors=0)
+    rng = torch.get_rng_state()
+    records = []
+    for step in range(6):
+        if step in (2, 4):  # after outer steps 2 and 4 the trainer publishes versions 3 and 5
+            source.refresh_encoder(weights[step + 1], step + 1)
+        records += source.batch(step).records
+    # building the embedders did not draw from the trainer's random stream
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [r.episode_id for r in records] == list(range(12))
+    assert [r.encoder_version for r in records] == [0] * 4 + [3] * 4 + [5] * 4
+    assert [r.generator for r in records] == ["augment"] * 4 + ["cluster"] * 8
+    # a resume at step 5 with version 5's weights makes the same episodes
+    resumed = TrainingSource(cfg, start_step=5, encoder=(weights[5], 5), actors=0)
+    assert all(same_record(a, b) for a, b in zip(resumed.batch(5).records, records[10:]))
+    with pytest.raises(DataError, match="step 6 need encoder version 7, which has not been published"):
+        resumed.batch(6)
+    with pytest.raises(DataError, match="encoder version 5 was already published"):
+        resumed.refresh_encoder(weights[5], 5)
+    with pytest.raises(DataError, match="step 4 need encoder version 5 .* the encoder given is version 3"):
+        TrainingSource(cfg, start_step=4, encoder=(weights[3], 3), actors=0)
+    with pytest.raises(DataError, match="step 0 need encoder version 1 .* given is version 0"):
+        TrainingSource(self_improving(0, 2), actors=0)
 
 
 # --- real data -------------------------------------------------------------------------

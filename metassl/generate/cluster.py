@@ -12,9 +12,13 @@ Euclidean geometry of the pixels is the point, and an encoder that wants cosine 
 can normalise its own output.
 
 The generator is self-improving when the trainer publishes new encoder weights:
-`set_encoder` / `set_embeddings` re-embed and re-cluster the pool, and later records
-carry the new `encoder_version`. Episode i depends only on (seed, i), the settings and
-the current embeddings.
+`set_encoder` / `set_embeddings` re-embed and re-cluster the pool (seconds), and later
+records carry the new `encoder_version`. Episode i depends only on (seed, i), the
+settings and the embeddings, so its encoder version must be chosen by i, never by when
+it is made: in training, episode i of step s = i // meta_batch uses version
+`metassl.generate.source.encoder_version(cfg, s)` (the weights of the last refresh at
+or before step s), whether it is made in process or by a Ray actor (`pool.py`); both
+switch their generator to that version (`source.VersionedGenerator`) before making it.
 """
 from __future__ import annotations
 
@@ -226,7 +230,8 @@ class WarmStartEpisodes(RecordSource):
     the first `generator.warmup_steps` steps train on augment episodes (encoder version
     0) and the trainer then publishes the network; `set_encoder` builds the cluster
     generator on the first call and re-clusters on later ones. `make_cluster(embed, version)`
-    builds it. Episode i depends on (seed, i) and the encoder version, as before.
+    builds it. Episode i depends on (seed, i) and the encoder version, as before; going
+    back to version 0 means building a new instance (`VersionedGenerator` does).
     """
 
     def __init__(self, augment: RecordSource, make_cluster: Callable[[Callable, int], ClusterEpisodes]):

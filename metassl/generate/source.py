@@ -1,4 +1,12 @@
-"""The training episode stream of a run: labelled sampler, in-process generator, Ray pool or shards."""
+"""The training episode stream of a run: labelled sampler, in-process generator, Ray pool or shards.
+
+Episodes are a function of the config. Episode `i` belongs to training step
+`s = i // episodes.meta_batch` and, with `generator.encoder: model`, is made with the
+encoder weights of version `encoder_version(cfg, s)`: the network the trainer published at
+the last refresh point at or before step `s`. Generating in process or on Ray actors, with
+any `max_in_flight` and `episodes_per_task`, and across actor restarts and resumes, gives
+the same episodes; the settings change how episodes are made, never which.
+"""
 from __future__ import annotations
 
 import time
@@ -7,9 +15,85 @@ from dataclasses import dataclass
 import torch
 
 from metassl.config import Config
-from metassl.data.episodes import Episode, stack_episodes
-from metassl.errors import ConfigError
-from metassl.generate.record import EpisodeRecord
+from metassl.data.episodes import Episode, check_int, stack_episodes
+from metassl.errors import ConfigError, DataError
+from metassl.generate.record import EpisodeRecord, RecordSource
+
+
+def uses_model_encoder(cfg: Config) -> bool:
+    """True when episodes come from clusters of the network being meta-trained (the self-improving loop)."""
+    g = cfg.generator
+    return g.kind == "cluster" and g.encoder == "model" and not g.shards
+
+
+def encoder_version(cfg: Config, step: int) -> int:
+    """The encoder version of the episodes of 0-based training step `step`: the run's refresh schedule.
+
+    With `generator.encoder: model`, the trainer publishes its network as version `t + 1`
+    after outer step `t` (counting from 1) when `t == W` (`warmup_steps` W > 0) or when
+    `t - W > 0` is a multiple of `refresh_every` M > 0; the episodes of step `s` (fetched
+    after `s` steps) use the last version published at a `t <= s`. Before the first
+    publish they are version 0 (augment episodes) with warm-up, else version 1 (the
+    initial network). Every other generator is version 0 throughout.
+    """
+    step = check_int("step", step, 0)
+    if not uses_model_encoder(cfg):
+        return 0
+    warmup, every = cfg.generator.warmup_steps, cfg.generator.refresh_every
+    if warmup:
+        if step < warmup:
+            return 0
+        last = warmup + ((step - warmup) // every * every if every else 0)
+    else:
+        if not every or step < every:
+            return 1
+        last = step // every * every
+    return last + 1
+
+
+class VersionedGenerator:
+    """The run's generator (`build_generator`) switched to the encoder version each caller asks for.
+
+    `at(version, weights)` returns the generator embedding with that version: built on
+    the first call, re-embedded and re-clustered (seconds for a cluster generator) only
+    when the version differs from the last call's, so callers should ask in version
+    order. Version 0 is the generator without a model encoder (augment episodes during
+    warm-up, PCA clusters otherwise); a version >= 1 needs its weights when it is not
+    the current one (`ready(version)` says whether it is).
+    """
+
+    def __init__(self, cfg: Config, images: torch.Tensor):
+        self.cfg, self.images = cfg, images
+        self.source: RecordSource | None = None
+        self.version: int | None = None
+        self.switches = 0  # builds and re-embeddings so far
+
+    def ready(self, version: int) -> bool:
+        return self.source is not None and self.version == version
+
+    def at(self, version: int, weights: dict | None) -> RecordSource:
+        if self.ready(version):
+            return self.source
+        from metassl.registry import build_generator, model_embedder
+
+        version = check_int("encoder version", version, 0)
+        if version and weights is None:
+            raise DataError(f"encoder version {version} is needed but its weights were not given")
+        # An embedder starts as a freshly initialised network, drawn from torch's global RNG:
+        # fork it, so the trainer's random stream does not depend on where episodes are made.
+        with torch.random.fork_rng(devices=[]):
+            if self.source is None or not version:
+                self.source = build_generator(self.cfg, self.images, (weights, version) if version else None)
+            else:
+                self.source.set_encoder(model_embedder(self.cfg, weights), version)
+        self.version = version
+        self.switches += 1
+        return self.source
+
+
+def cpu_weights(state: dict) -> dict:
+    """Detached CPU copies of an encoder's tensors (what a publish hands to the generator)."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 @dataclass
@@ -38,16 +122,18 @@ class TrainingSource:
     pseudo-labelled episodes from the unlabelled train images, in this process
     (`actors` 0) or on `actors` Ray actors (the driver resolves `generator.actors`; None:
     take it from the config, auto meaning in process); `generator.shards` (when
-    set) replays episodes written by `metassl generate`. `encoder` = (weights, version)
-    starts a cluster generator on the model's embedding.
+    set) replays episodes written by `metassl generate`. With `generator.encoder: model`,
+    `encoder` = (weights, version) is the encoder of `start_step` (its version must be
+    `encoder_version(cfg, start_step)`; None for version 0) and `refresh_encoder` hands
+    over each later version before the first batch that needs it.
     """
 
     def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1,
                  encoder: tuple[dict, int] | None = None, actors: int | None = None,
                  actor_cpus: float = 1.0):
-        from metassl.registry import build_generator, build_sampler, load_unlabelled
+        from metassl.registry import build_sampler, load_unlabelled
 
-        self.cfg, self.pool, self.generator = cfg, None, None
+        self.cfg, self.pool, self.generator, self.versioned = cfg, None, None, None
         ep, g = cfg.episodes, cfg.generator
         if ep.meta_batch % world:
             raise ConfigError(f"episodes.meta_batch={ep.meta_batch} must be a multiple of the {world} workers")
@@ -63,19 +149,33 @@ class TrainingSource:
             self.sampler = build_sampler(cfg, "train", n_way=ep.n_way, k_shot=ep.k_shot,
                                          n_query=ep.n_query, seed=cfg.seed)
             return
+        version = encoder_version(cfg, start_step)
+        given = encoder[1] if encoder is not None else 0
+        if given != version:
+            raise DataError(f"the episodes of step {start_step} need encoder version {version} "
+                            f"(generator.warmup_steps={g.warmup_steps}, refresh_every={g.refresh_every}, "
+                            f"encoder={g.encoder!r}) but the encoder given is version {given}")
+        weights = cpu_weights(encoder[0]) if encoder is not None and version else None
         images = load_unlabelled(cfg)
         actors = max(g.actors, 0) if actors is None else actors
         if actors == 0:
-            self.generator = build_generator(cfg, images, encoder)
+            self.versioned = VersionedGenerator(cfg, images)
+            self.versioned.at(version, weights)  # build now: a generator that cannot be built fails early
+            self._weights = {version: weights}  # published versions not yet superseded
         else:
             from metassl.generate.pool import EpisodePool
             self.pool = EpisodePool(cfg, images, actors=actors, actor_cpus=actor_cpus, start=start_step * self.per,
-                                    episode_id=self.episode_id, encoder=encoder)
+                                    episode_id=self.episode_id, encoder=(weights, version) if version else None,
+                                    version_of=self.position_version)
 
     def episode_id(self, position: int) -> int:
         """The episode id of this worker's `position`-th episode."""
         step, j = divmod(position, self.per)
         return step * self.cfg.episodes.meta_batch + self.rank * self.per + j
+
+    def position_version(self, position: int) -> int:
+        """The encoder version of this worker's `position`-th episode."""
+        return encoder_version(self.cfg, position // self.per)
 
     def batch(self, step: int) -> TrainBatch:
         """This worker's share of the meta-batch of outer step `step`."""
@@ -84,22 +184,38 @@ class TrainingSource:
         t0 = time.perf_counter()
         if self.sampler is not None:
             return TrainBatch(stack_episodes([self.sampler.episode(i) for i in ids]), None, time.perf_counter() - t0)
-        if self.pool is not None:
-            records = self.pool.records(step * per, per)
+        if self.generator is not None:  # shards: their records say which encoder made them
+            records = [self.generator.record(i % len(self.generator)) for i in ids]
         else:
-            size = len(self.generator) if self.cfg.generator.shards else None
-            records = [self.generator.record(i % size if size else i) for i in ids]
+            version = encoder_version(self.cfg, step)
+            if self.pool is not None:
+                records = self.pool.records(step * per, per)
+            else:
+                source = self.versioned.at(version, self._published(version, step))
+                records = [source.record(i) for i in ids]
+                self._weights = {v: w for v, w in self._weights.items() if v >= version}
+            wrong = [(r.episode_id, r.encoder_version) for r in records if r.encoder_version != version]
+            if wrong:
+                raise DataError(f"episodes of step {step} must use encoder version {version}; "
+                                f"(episode, version) {wrong[:3]} do not")
         episodes = stack_episodes([r.episode for r in records])
         return TrainBatch(episodes, records, time.perf_counter() - t0)
 
-    def refresh_encoder(self, state: dict, version: int) -> None:
-        """Hand new encoder weights to the cluster generator (self-improving loop)."""
-        from metassl.registry import model_embedder
+    def _published(self, version: int, step: int) -> dict | None:
+        if version not in self._weights:
+            raise DataError(f"the episodes of step {step} need encoder version {version}, which has not been "
+                            f"published (refresh_encoder) or is older than episodes already made")
+        return self._weights[version]
 
+    def refresh_encoder(self, state: dict, version: int) -> None:
+        """Hand over the encoder weights of `version` (self-improving loop); steps that need it use them."""
         if self.pool is not None:
             self.pool.publish_encoder(state, version)
-        elif self.generator is not None and not self.cfg.generator.shards:  # shards are fixed
-            self.generator.set_encoder(model_embedder(self.cfg, state), version)
+        elif self.versioned is not None:
+            version = check_int("encoder version", version, 1)
+            if version in self._weights:
+                raise DataError(f"encoder version {version} was already published")
+            self._weights[version] = cpu_weights(state)
 
     def close(self) -> None:
         if self.pool is not None:
