@@ -152,6 +152,9 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
         mean, ci = mean_ci95(episode_accuracies(learner, model, params, buffers, sampler, episodes, steps))
         protocol = protocol_of(cfg, dataset=dataset, split=split, n_way=n_way, k_shot=k_shot,
                                n_query=n_query, seed=seed, inner_steps=steps)
+        data = getattr(sampler, "split", None)  # the FewShotSplit of an EpisodeSampler: which classes
+        if data is not None:
+            protocol.update(classes=data.name, num_classes=data.num_classes)
         return EvalResult("accuracy", mean, ci, episodes, protocol)
 
     steps = inner_steps if inner_steps is not None else 10

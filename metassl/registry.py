@@ -58,21 +58,35 @@ def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: 
                   dataset: str | None = None, root: str | None = None):
     """Return an episode source with `.episode(i)` and `.batch(start, count)` for one split.
 
-    `dataset`/`root` override the config's (for evaluating on another dataset).
+    `dataset`/`root` override the config's (for evaluating on another dataset). An image
+    folder other than the one a run trained on is unseen: its classes (the `split`
+    subfolder's, or all of a folder of classes) must not be the run's meta-train classes.
     """
     dataset = dataset or cfg.data.dataset
     if dataset == "sinusoid":
         check_split_allowed(split)  # image splits are checked by load_split
         return SinusoidTasks(k_shot, n_query, seed=seed + _SINUSOID_SPLIT_OFFSET[split])
     data = load_split(dataset, split, root=root if root is not None else cfg.data.root,
-                      protocol=cfg.data.protocol, image_size=cfg.data.image_size, channels=cfg.data.channels)
+                      trained_on=_training_folder(cfg), **_image_options(cfg))
     return EpisodeSampler(data, n_way, k_shot, n_query, seed=seed)
 
 
 def load_unlabelled(cfg: Config) -> torch.Tensor:
     """The meta-train images without their labels `[M, C, H, W]` (what generators build episodes from)."""
-    return load_split(cfg.data.dataset, "train", root=cfg.data.root, protocol=cfg.data.protocol,
-                      image_size=cfg.data.image_size, channels=cfg.data.channels).x
+    return load_split(cfg.data.dataset, "train", root=cfg.data.root, **_image_options(cfg)).x
+
+
+def _image_options(cfg: Config) -> dict:
+    """The `load_split` options a config sets: protocol, image size, channels, class split."""
+    d = cfg.data
+    return dict(protocol=d.protocol, image_size=d.image_size, channels=d.channels,
+                split_fractions=d.split_fractions, split_seed=d.split_seed)
+
+
+def _training_folder(cfg: Config) -> str | None:
+    """The folder a run meta-trains on when its dataset is an image folder, else None."""
+    name, _, path = cfg.data.dataset.partition(":")
+    return (path or cfg.data.root) if name == "imagefolder" else None
 
 
 def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int] | None = None):

@@ -420,7 +420,7 @@ def test_imagefolder_loads_sorted_classes_resized_to_unit_range(tmp_path):
     gray = load_imagefolder(tmp_path, image_size=16)
     assert gray.class_names == ("a", "b") and gray.y.tolist() == [0, 0, 0, 1, 1]
     assert gray.x.shape == (5, 1, 16, 16) and 0.0 <= gray.x.min() and gray.x.max() <= 1.0
-    rgb = load_split(f"imagefolder:{tmp_path}", "test", image_size=8, channels=3)
+    rgb = load_split(f"imagefolder:{tmp_path}", "all", image_size=8, channels=3)
     assert rgb.x.shape == (5, 3, 8, 8)
     assert EpisodeSampler(rgb, 2, 1, 1).episode(0).support_x.shape == (2, 3, 8, 8)
 

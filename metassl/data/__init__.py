@@ -8,7 +8,8 @@ Dataset specs:
     "digits"              scikit-learn's 8x8 digits, bundled offline (train 0-3, val 4-6, test 7-9)
     "omniglot"            Omniglot with Vinyals splits, from `root` (or $METASSL_DATA/omniglot)
     "omniglot:PATH"       Omniglot from PATH
-    "imagefolder:PATH"    PATH/<class>/<image>; every class in every split
+    "imagefolder:PATH"    PATH/{train,val,test}/<class>/<image>, or PATH/<class>/<image> split
+                          into train/val/test classes by a seeded class split (see imagefolder.py)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from metassl.data.digits import DIGITS_SPLITS, load_digits
 from metassl.data.download import download_omniglot
 from metassl.data.episodes import Episode, EpisodeSampler, FewShotSplit, stack_episodes
-from metassl.data.imagefolder import load_imagefolder
+from metassl.data.imagefolder import DEFAULT_FRACTIONS, load_imagefolder, split_class_names
 from metassl.data.omniglot import PROTOCOLS, load_omniglot
 from metassl.data.sinusoid import SinusoidTasks
 from metassl.errors import DataError
@@ -40,6 +41,7 @@ __all__ = [
     "load_imagefolder",
     "load_omniglot",
     "load_split",
+    "split_class_names",
     "stack_episodes",
 ]
 
@@ -67,6 +69,9 @@ def load_split(
     protocol: str = "supervised",
     image_size: int = 28,
     channels: int = 1,
+    split_fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    split_seed: int = 0,
+    trained_on: str | Path | None = None,
 ) -> FewShotSplit:
     """Returns split `split` ("train", "val", "test") of the dataset named by `spec`.
 
@@ -74,8 +79,11 @@ def load_split(
     a PATH in the spec takes precedence over `root`, and digits (bundled with scikit-learn)
     ignores both, so one `root` setting can serve several datasets. `protocol`
     ("supervised" or "unsupervised") changes the classes of Omniglot only (see
-    metassl.data.omniglot); digits and imagefolder have one class set. `channels` 3 is for
-    imagefolder only; digits and Omniglot are grayscale.
+    metassl.data.omniglot). `channels` 3 is for imagefolder only; digits and Omniglot are
+    grayscale. imagefolder only: `split_fractions` and `split_seed` split a folder of
+    classes (a folder with train/, val/, test/ is split already), and `trained_on`, the
+    folder a run was meta-trained on, makes another folder an unseen one (its classes must
+    not be meta-train classes of the run; see metassl.data.imagefolder).
     """
     check_split_allowed(split)
     name, _, spec_path = spec.partition(":")
@@ -98,8 +106,7 @@ def load_split(
         return load_digits(split, image_size=image_size)
     if name == "omniglot":
         return load_omniglot(folder, split, protocol=protocol, image_size=image_size)
-    if split not in ("train", "val", "test", "all"):
-        raise DataError(f"unknown split {split!r}; valid splits: train, val, test, all")
     if not folder:
         raise DataError("dataset 'imagefolder' needs a folder: use 'imagefolder:PATH' or pass root")
-    return load_imagefolder(folder, image_size=image_size, channels=channels)
+    return load_imagefolder(folder, split, image_size=image_size, channels=channels,
+                            split_fractions=split_fractions, split_seed=split_seed, trained_on=trained_on)
