@@ -24,7 +24,8 @@ def _train(args) -> int:
         result = run_local(cfg, run_dir, log=_log)
     else:
         from metassl.raytrain import run_ray
-        result = run_ray(cfg, run_dir, workers=args.workers, address=args.address, log=_log)
+        result = run_ray(cfg, run_dir, workers=args.workers, address=args.address, placement=args.placement,
+                         log=_log)
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
     if args.json:
         print(json.dumps(result["test"]))
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: Ray Train workers (default); local: in this process, no Ray")
     t.add_argument("--workers", type=_positive, default=2, help="Ray Train workers (default 2)")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    t.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), default="PACK",
+                   help="Ray placement of the workers (default PACK; STRICT_SPREAD: one worker per node)")
     t.add_argument("--json", action="store_true", help="also print the test result as JSON")
     t.set_defaults(func=_train)
 

@@ -3,6 +3,9 @@
 Meta-learners are not wrapped in DDP (second-order gradients and DDP do not mix);
 each worker computes the meta-gradient of its share of the meta-batch and one
 explicit all-reduce averages them, so every worker takes the same outer step.
+
+Losses that compare examples across the whole meta-batch (NT-Xent's negatives) see
+every worker's rows through `gather_rows`, a differentiable all-gather.
 """
 from __future__ import annotations
 
@@ -37,6 +40,45 @@ def average_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[i:i + g.numel()].view_as(g))
         i += g.numel()
     return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every worker's gradient for this worker's rows.
+
+    Worker r's loss `L_r` depends on the rows of every worker, so the gradient that
+    reaches worker s's rows is `sum_r dL_r / dx_s`: an all-reduce of the gathered
+    gradient, then this worker's slice. Averaging the resulting parameter gradients
+    over the `W` workers (`average_gradients`) then gives exactly the gradient of
+    `(1/W) sum_r L_r`, the loss over the whole meta-batch when each `L_r` is the mean
+    over worker r's equally many rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, size = world()
+        ctx.rows, ctx.rank = x.shape[0], rank
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Return `(rows of every worker's x, in rank order; where this worker's rows start)`.
+
+    `x` is `[n, ...]` with the same shape on every worker. The gather is differentiable:
+    see `_GatherRows` for how gradients reach each worker's own rows. Every worker must
+    call it at the same point (it is a collective), and the backward pass is one too.
+    """
+    rank, size = world()
+    if size == 1:
+        return x, 0
+    return _GatherRows.apply(x), rank * x.shape[0]
 
 
 def average_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -3,9 +3,15 @@
 SSL heads are outer-loop parameters only: they never enter a learner's inner loop.
 Their parameters live in a dict beside the backbone's and receive gradients only
 from the SSL loss. Every part is returned separately for logging.
+
+The SSL forward passes leave the model's buffers alone: BatchNorm running statistics
+describe the episodes' images, not augmented views or rotated copies. With several
+workers, NT-Xent takes its negatives from the whole meta-batch through the `gather`
+function passed in (`distributed.gather_rows`); the losses themselves stay pure.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,25 +47,52 @@ class SSLWeights:
     temperature: float = 0.5
 
 
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # rows -> (every worker's rows, own start)
+
+
 def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads, head_params: Params,
-             views: tuple[torch.Tensor, ...], weights: SSLWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """Return the SSL loss of a batch of views `(x1, x2, rot_x, rot_y)` and its parts."""
+             views: tuple[torch.Tensor, ...], weights: SSLWeights,
+             gather: Gather | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Return the SSL loss of a batch of views `(x1, x2, rot_x, rot_y)` and its parts.
+
+    `x1`, `x2`: `[B, C, H, W]` two views of `B` images; `rot_x` `[R, C, H, W]` with its
+    quarter turns `rot_y` `[R]`. The backbone runs on throw-away copies of `buffers`, so
+    running statistics are not updated by the views. `gather` (`distributed.gather_rows`
+    when training on several workers) makes NT-Xent compare this worker's pairs with the
+    projections of every worker's views; this worker's loss is the mean over its own pairs
+    and averaging the workers' gradients gives the gradient of the whole meta-batch's loss.
+    """
     x1, x2, rot_x, rot_y = views
     parts: dict[str, float] = {}
     total = torch.zeros(())
     if weights.simclr:
-        z = features(model, params, buffers, torch.cat([x1, x2]))
+        b = len(x1)
+        z = features(model, params, _scratch(buffers), torch.cat([x1, x2]))
         proj = forward(heads.projection, _sub(head_params, "projection."), {}, z)
-        loss = nt_xent(proj[: len(x1)], proj[len(x1):], weights.temperature)
+        if gather is None:
+            loss = nt_xent(proj[:b], proj[b:], weights.temperature)
+        else:
+            # one collective for both views: rows are [worker, view, pair] in rank order
+            rows, start = gather(proj)
+            views_of_all = rows.reshape(-1, 2, b, rows.shape[-1])
+            z1, z2 = (views_of_all[:, v].reshape(-1, rows.shape[-1]) for v in (0, 1))
+            first = start // 2  # this worker's first pair among all workers' pairs
+            loss = nt_xent(z1, z2, weights.temperature, anchors=(first, first + b))
         parts["simclr_loss"] = float(loss.detach())
         total = total + weights.simclr * loss
     if weights.rotation:
-        logits = forward(heads.rotation, _sub(head_params, "rotation."), {}, features(model, params, buffers, rot_x))
+        embedded = features(model, params, _scratch(buffers), rot_x)
+        logits = forward(heads.rotation, _sub(head_params, "rotation."), {}, embedded)
         loss = rotation_loss(logits, rot_y)
         parts["rotation_loss"] = float(loss.detach())
         parts["rotation_acc"] = float((logits.argmax(-1) == rot_y).float().mean())
         total = total + weights.rotation * loss
     return total, parts
+
+
+def _scratch(buffers: Params) -> Params:
+    """Copies of `buffers` for a forward pass whose BatchNorm updates are to be thrown away."""
+    return {k: v.clone() for k, v in buffers.items()}
 
 
 def _sub(params: Params, prefix: str) -> Params:

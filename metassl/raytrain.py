@@ -7,6 +7,10 @@ directory, which is also Ray's run folder (`storage_path/name`), and hands each
 checkpoint to Ray. After a worker failure Ray restarts the group
 (`FailureConfig(max_failures)`) and `train_loop` resumes from the last reported
 checkpoint; re-running the same command resumes the same way.
+
+On a cluster of several nodes the run directory must be a storage URI
+(`s3://...`, `gs://...`): rank 0 may start on any node, and after a node is lost
+the run resumes on another one from what storage holds.
 """
 from __future__ import annotations
 
@@ -27,13 +31,16 @@ from metassl import checkpoint
 from metassl.config import Config, actors_per_worker, from_dict, to_dict
 from metassl.data import FORBIDDEN_SPLITS_ENV
 from metassl.errors import ConfigError, MetasslError
-from metassl.storage import RunStore
-from metassl.train import check_data, check_resumable, train_loop
+from metassl.storage import RunStore, is_uri
+from metassl.train import check_data, check_resumable, raise_if_stopped, train_loop
 
 STATE_FILE = "state.pt"  # the checkpoint file inside a Ray checkpoint directory
 # Ray Train's controller polls workers every 2 s by default, which makes each
 # `ray.train.report()` block for most of that; a shorter interval keeps reports cheap.
 _FAST_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# Ray's placement strategies for the workers' bundles: PACK fills nodes in turn, SPREAD
+# spreads when it can, STRICT_SPREAD puts every worker on its own node.
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 
 class RayContext:
@@ -104,16 +111,46 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
+def alive_nodes() -> int:
+    """The number of alive nodes of the connected Ray cluster."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_storage_reaches_nodes(location: str | Path, what: str = "the run directory",
+                                option: str = "--run-dir") -> None:
+    """Raise ConfigError when `location` is a local path and the connected Ray cluster has several nodes.
+
+    A local path names a folder on each node's own disk: rank 0 (which may start on any
+    node, and move after a failure) would write checkpoints where the driver and a
+    restarted run never look. Object storage is reachable from every node.
+    """
+    if is_uri(location):
+        return
+    nodes = alive_nodes()
+    if nodes > 1:
+        raise ConfigError(
+            f"{what} {str(location)!r} is a local path, but the Ray cluster has {nodes} nodes: "
+            f"workers on other nodes cannot reach it and a restarted run would not find its checkpoints. "
+            f"Keep it in object storage: set `storage: s3://bucket/prefix` (or gs://...) in the config, "
+            f"or pass a URI as {option} (e.g. {option} s3://bucket/prefix/NAME)")
+
+
 def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None,
-            log=print, final_eval: bool = True, callbacks: list | None = None, worker_cpus: float = 1.0) -> dict:
+            log=print, final_eval: bool = True, callbacks: list | None = None, worker_cpus: float = 1.0,
+            placement: str = "PACK") -> dict:
     """Meta-train with `workers` Ray Train workers; return `result.json`'s dict.
 
     `final_eval=False` skips the meta-test evaluation (tuning); `callbacks` are Ray Train
     `UserCallback`s (tuning passes one that forwards validation reports to Tune);
-    `worker_cpus` is each worker's CPU request (a tuning trial leaves a sliver to its driver).
+    `worker_cpus` is each worker's CPU request (a tuning trial leaves a sliver to its driver);
+    `placement` is Ray's placement strategy for the workers (`PLACEMENTS`; STRICT_SPREAD
+    puts each worker on its own node). On a cluster of several nodes `run_dir` must be a
+    storage URI.
     """
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
     if cfg.episodes.meta_batch % workers:
         raise ConfigError(f"episodes.meta_batch={cfg.episodes.meta_batch} must be a multiple of "
                           f"--workers={workers} (each worker takes an equal share)")
@@ -138,6 +175,7 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     if running and actors:
         actor_cpus = min(1.0, max(0.0, cpus - workers) / (workers * actors))
     init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)))
+    check_storage_reaches_nodes(store.location)  # before any worker starts
     use_gpu = _use_gpu(cfg.train.device, workers, ray.cluster_resources().get("GPU", 0))
     trainer = TorchTrainer(
         _worker,
@@ -146,7 +184,8 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
                            "use_gpu": use_gpu, "final_eval": final_eval,
                            "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")}},
         # With use_gpu each worker also gets one GPU and the process group uses NCCL.
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus},
+                                     placement_strategy=placement),
         run_config=RunConfig(
             # Ray's own run folder is the run directory: storage_path/name (local or a URI)
             name=store.name, storage_path=store.parent,
@@ -164,7 +203,7 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     result_file = store.local / "result.json"
     if not result_file.is_file():
         raise MetasslError(f"training on Ray finished without writing {result_file}")
-    return json.loads(result_file.read_text())
+    return raise_if_stopped(json.loads(result_file.read_text()))
 
 
 def _use_gpu(setting: str, workers: int, gpus: float) -> bool:

@@ -348,7 +348,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         ssl = None
         if views is not None:
             views = tuple(v.to(device) for v in views)
-            ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights)
+            ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights,
+                                  gather=distributed.gather_rows)  # NT-Xent negatives: the whole meta-batch
             metrics.update(parts, ssl_loss=float(ssl.detach()))
         metrics["meta_loss"] = float(out.loss.detach())
         grads, head_grads = combined_gradients(out, ssl, cfg.objective.ssl_weight, params, head_params)

@@ -111,7 +111,7 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from metassl.raytrain import init_ray
+    from metassl.raytrain import check_storage_reaches_nodes, init_ray
     from metassl.registry import is_regression
     from metassl.train import check_data
 
@@ -127,6 +127,8 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
         raise ConfigError(f"{sweep} holds a training run, not a sweep: choose another sweep directory (--out)")
     mode = "min" if is_regression(base) else "max"
     init_ray(address)
+    # trials run on any node: a local sweep folder would scatter their run directories
+    check_storage_reaches_nodes(sweep, "the sweep directory", "--out")
     cpus = ray.cluster_resources().get("CPU", 1)
     grace = base.tune.grace_steps or base.train.val_every or base.train.steps
     # stop_last_trials=False: a trial that reaches train.steps ends by itself, after its

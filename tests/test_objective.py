@@ -1,6 +1,7 @@
 """SSL losses and the combined objective."""
 import math
 
+import pytest
 import torch
 
 from metassl.data.episodes import Episode, stack_episodes
@@ -78,3 +79,95 @@ def test_reptile_pseudo_gradient_plus_ssl_gradient():
     g, _ = combined_gradients(out, ssl, 2.0, params, head_params)
     for k, a, s in zip(params, g, ssl_g):
         torch.testing.assert_close(a, out.grads[k] + (torch.zeros_like(a) if s is None else s))
+
+
+def test_nt_xent_over_blocks_of_anchors_averages_to_the_whole_batch():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    whole = nt_xent(z1, z2, 0.3)
+    torch.testing.assert_close(nt_xent(z1, z2, 0.3, anchors=(0, 6)), whole)
+    blocks = [nt_xent(z1, z2, 0.3, anchors=(s, s + 2)) for s in (0, 2, 4)]
+    torch.testing.assert_close(sum(blocks) / 3, whole)
+    assert len({round(float(b), 6) for b in blocks}) == 3  # the blocks really differ
+    with pytest.raises(ValueError, match="anchors"):
+        nt_xent(z1, z2, anchors=(4, 8))
+
+
+def test_ssl_loss_leaves_batchnorm_running_statistics_unchanged():
+    torch.manual_seed(0)
+    model = Conv4(1, 4, "batch", out_features=3, image_size=16).double()
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    before = {k: v.clone() for k, v in buffers.items()}
+    heads = SSLHeads(model.embedding_dim, 4).double()
+    head_params = {k: v.detach().clone().requires_grad_() for k, v in heads.named_parameters()}
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64) + 3.0  # far from the initial running mean 0
+    views = (x, x.flip(-1), x.transpose(-1, -2), torch.tensor([0, 1, 2, 3]))
+    loss, _ = ssl_loss(model, params, buffers, heads, head_params, views, SSLWeights())
+    torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    assert {k for k in buffers if "running_mean" in k}, "the model should have BatchNorm running statistics"
+    for k, v in buffers.items():
+        assert torch.equal(v, before[k]), k
+    # the same forward pass with the live buffers would have moved them: the check above can fail
+    features(model, params, buffers, x)
+    assert not all(torch.equal(v, before[k]) for k, v in buffers.items())
+
+
+def _ssl_gradients(rank: int, world: int, port: int, out: str) -> None:
+    """One worker of `test_ssl_gradient_over_workers_equals_the_whole_batch_gradient`."""
+    import torch.distributed as dist
+
+    from metassl import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, params, heads, head_params, views = _ssl_setup()
+        n = len(views[0]) // world
+        mine = tuple(v[rank * n:(rank + 1) * n] for v in views)
+        loss, parts = ssl_loss(model, params, {}, heads, head_params, mine, SSLWeights(),
+                               gather=distributed.gather_rows)
+        tensors = list(params.values()) + list(head_params.values())
+        grads = [torch.zeros_like(t) if g is None else g
+                 for t, g in zip(tensors, torch.autograd.grad(loss, tensors, allow_unused=True))]
+        grads = distributed.average_gradients(grads)
+        metrics = distributed.average_metrics({"loss": float(loss.detach()), **parts})
+        if rank == 0:
+            torch.save({"grads": grads, "metrics": metrics}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ssl_setup():
+    torch.manual_seed(1)
+    model = Conv4(1, 4, "layer", out_features=3, image_size=16).double()
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    heads = SSLHeads(model.embedding_dim, 4).double()
+    head_params = {k: v.detach().clone().requires_grad_() for k, v in heads.named_parameters()}
+    x = torch.rand(8, 1, 16, 16, dtype=torch.float64)
+    views = (x, x.flip(-1) + 0.1 * torch.rand_like(x), x.transpose(-1, -2), torch.arange(8) % 4)
+    return model, params, heads, head_params, views
+
+
+def test_ssl_gradient_over_workers_equals_the_whole_batch_gradient(tmp_path):
+    # Two gloo workers with 4 pairs each, NT-Xent negatives gathered from both: the averaged
+    # gradient must be that of one process on all 8 pairs (it would not be if the gather
+    # only let gradients reach each worker's own rows through its own loss).
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "grads.pt")
+    mp.start_processes(_ssl_gradients, args=(2, port, out), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    model, params, heads, head_params, views = _ssl_setup()
+    loss, parts = ssl_loss(model, params, {}, heads, head_params, views, SSLWeights())
+    tensors = list(params.values()) + list(head_params.values())
+    want = [torch.zeros_like(t) if g is None else g
+            for t, g in zip(tensors, torch.autograd.grad(loss, tensors, allow_unused=True))]
+    assert math.isclose(got["metrics"]["loss"], float(loss.detach()), rel_tol=1e-12)
+    assert math.isclose(got["metrics"]["simclr_loss"], parts["simclr_loss"], rel_tol=1e-12)
+    for g, w in zip(got["grads"], want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

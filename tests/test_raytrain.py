@@ -41,15 +41,37 @@ def test_two_workers_match_one_process_on_the_same_episodes(tmp_path):
 def test_workers_fed_by_generator_actors_match_one_process_generating_inline(tmp_path):
     # Episode i is the same whichever actor makes it, so 2 Ray Train workers, each drawing
     # its half of every meta-batch from its own generator actor (auto: 1 each on 2 CPUs),
-    # take the same steps as one process making the episodes itself.
+    # take the same steps as one process making the episodes itself, SSL included: NT-Xent
+    # takes its negatives from both workers' views, as one process takes them from all.
     gen = ["learner.name=protonet", "generator.kind=augment", "generator.episodes_per_task=4",
-           "generator.ssl_views=true", "objective.ssl_weight=0.5",
-           "objective.simclr=0"]  # rotation CE splits into equal halves; NT-Xent's negatives would not
+           "generator.ssl_views=true", "objective.ssl_weight=0.5"]
     run_local(_cfg(*gen, "generator.actors=0"), tmp_path / "one", log=_quiet)
     run_ray(_cfg(*gen), tmp_path / "two", workers=2, log=_quiet)
     a = checkpoint.load(checkpoint.step_path(tmp_path / "one", 3))["params"]
     b = checkpoint.load(checkpoint.step_path(tmp_path / "two", 3))["params"]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_a_local_run_directory_on_a_cluster_of_several_nodes_is_refused_before_any_worker_starts(
+        tmp_path, monkeypatch):
+    import ray
+
+    from metassl import raytrain
+    from metassl.errors import ConfigError
+
+    nodes = ray.nodes()
+    monkeypatch.setattr(raytrain.ray, "nodes", lambda: nodes + [{**nodes[0], "NodeID": "other", "Alive": True}])
+    monkeypatch.setattr(raytrain, "TorchTrainer", None)  # starting workers would fail differently
+    with pytest.raises(ConfigError, match=r"local path, but the Ray cluster has 2 nodes.*storage: s3://.*--run-dir"):
+        run_ray(_cfg(), tmp_path / "run", workers=2, log=_quiet)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="placement='ANYWHERE' is not one of PACK"):
+        run_ray(_cfg(), "s3://bucket/run", workers=2, placement="ANYWHERE", log=_quiet)
+    # a dead node does not count, and a URI reaches every node
+    monkeypatch.setattr(raytrain.ray, "nodes", lambda: nodes + [{**nodes[0], "NodeID": "gone", "Alive": False}])
+    raytrain.check_storage_reaches_nodes(tmp_path / "run")
+    monkeypatch.setattr(raytrain.ray, "nodes", lambda: nodes * 2)
+    raytrain.check_storage_reaches_nodes("s3://bucket/prefix/run")
 
 
 def _pgrep(*args):
@@ -105,3 +127,15 @@ def test_worker_threads_come_from_the_cores_ray_and_the_os_both_give():
 
     # the session's Ray instance counts 2 CPUs, whatever the machine has
     assert 1 <= _node_cores() <= min(2, len(os.sched_getaffinity(0)))
+
+
+def test_a_diverging_run_on_ray_stops_once_naming_the_step_without_retries(tmp_path):
+    from metassl.train import NonFiniteError
+
+    t0 = time.perf_counter()
+    with pytest.raises(NonFiniteError, match="step 1: the loss") as err:
+        run_ray(_cfg("learner.inner_lr=1e30", steps=5), tmp_path, workers=2, log=_quiet)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["error"] == str(err.value) and saved["steps"] == 0
+    assert checkpoint.latest(tmp_path) is None  # nothing saved from a non-finite step
+    assert time.perf_counter() - t0 < 120  # one attempt: a divergence is not a worker failure to retry

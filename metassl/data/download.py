@@ -1,4 +1,9 @@
-"""Downloading dataset archives: fetch a zip over HTTP(S) (or file://), check it, extract it."""
+"""Downloading dataset archives: fetch a zip over HTTP(S) (or file://), check it, extract it.
+
+Downloads into a folder hold a file lock beside it (`.<folder>.lock`), so several
+processes of one node (Ray Train workers, generator actors) that find the data missing
+at the same time download it once: the first fetches, the others wait and then find it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from metassl.data.paths import DATA_ENV_VAR
 from metassl.errors import DataError
 
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_ARCHIVES = ("images_background", "images_evaluation")
+LOCK_TIMEOUT_S = 1800.0  # how long a process waits for another one's download of the same folder
 
 _OFFLINE_ADVICE = (
     "Without internet access, copy the data yourself and either pass its folder as root "
@@ -62,15 +70,29 @@ def fetch_zip_folder(url: str, dest: Path, folder: str, timeout_s: float = 60.0)
     return target
 
 
-def download_omniglot(dest: str | Path, base_url: str = OMNIGLOT_URL) -> Path:
+def download_lock(dest: Path, timeout_s: float = LOCK_TIMEOUT_S) -> FileLock:
+    """The lock that serialises downloads into `dest` on this node: the file `.<dest name>.lock` beside it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(dest.parent / f".{dest.name}.lock"), timeout=timeout_s)
+
+
+def download_omniglot(dest: str | Path, base_url: str = OMNIGLOT_URL, lock_timeout_s: float = LOCK_TIMEOUT_S) -> Path:
     """Returns `dest` after downloading and extracting the two official Omniglot zips into it.
 
     Fetches <base_url>/images_background.zip and <base_url>/images_evaluation.zip (about
     16 MB together) and extracts them to dest/images_background/ and dest/images_evaluation/,
-    the folder layout that `load_omniglot` reads. Folders already present are kept.
+    the folder layout that `load_omniglot` reads. Folders already present are kept. The
+    whole download holds `download_lock(dest)`: a second caller waits (at most
+    `lock_timeout_s`), then finds the folders and fetches nothing.
     """
     dest = Path(dest).expanduser()
-    for folder in OMNIGLOT_ARCHIVES:
-        if not (dest / folder).is_dir():
-            fetch_zip_folder(f"{base_url.rstrip('/')}/{folder}.zip", dest, folder)
+    lock = download_lock(dest, lock_timeout_s)
+    try:
+        with lock:
+            for folder in OMNIGLOT_ARCHIVES:
+                if not (dest / folder).is_dir():  # checked under the lock: another process may have fetched it
+                    fetch_zip_folder(f"{base_url.rstrip('/')}/{folder}.zip", dest, folder)
+    except Timeout:
+        raise DataError(f"waited {lock_timeout_s:g} s for another process downloading Omniglot into {dest} "
+                        f"(the lock {lock.lock_file} is still held); is that download stuck?") from None
     return dest

@@ -5,17 +5,31 @@ import torch
 import torch.nn.functional as F
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
+            anchors: tuple[int, int] | None = None) -> torch.Tensor:
     """SimCLR's normalised-temperature cross-entropy over `B` positive pairs.
 
     `z1`, `z2`: `[B, D]` projections of two views of the same `B` images. Each of
     the `2B` views must pick out its partner among the other `2B - 1`.
+
+    `anchors = (start, stop)` averages the loss over pairs `start..stop-1` only (views
+    `z1[start:stop]` and `z2[start:stop]`), still against all `2B` views: a worker that
+    holds those pairs of a batch gathered from several workers computes its share, and
+    the shares of equal-sized blocks average to the loss of the whole batch.
     """
-    z = F.normalize(torch.cat([z1, z2]), dim=-1)
-    sims = z @ z.t() / temperature
-    sims.fill_diagonal_(float("-inf"))  # a view is not its own positive
     b = z1.shape[0]
-    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    if z2.shape != z1.shape:
+        raise ValueError(f"nt_xent needs two views of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    start, stop = (0, b) if anchors is None else anchors
+    if not 0 <= start < stop <= b:
+        raise ValueError(f"nt_xent anchors={anchors} must satisfy 0 <= start < stop <= {b}")
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)
+    rows = torch.cat([torch.arange(start, stop), torch.arange(b + start, b + stop)]).to(z.device)
+    sims = z[rows] @ z.t() / temperature  # [2n, 2B]: each anchor against every view
+    own = torch.zeros_like(sims, dtype=torch.bool)
+    own[torch.arange(len(rows), device=z.device), rows] = True
+    sims = sims.masked_fill(own, float("-inf"))  # a view is not its own positive
+    targets = (rows + b) % (2 * b)  # the partner: z1[i] <-> z2[i]
     return F.cross_entropy(sims, targets)
 
 
