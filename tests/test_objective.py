@@ -28,14 +28,16 @@ def test_rotation_loss_is_cross_entropy():
     assert float(rotation_loss(logits, torch.tensor([1, 2]))) > 4
 
 
-def _setup():
-    torch.manual_seed(0)
-    model = Conv4(1, 8, "layer", out_features=3, image_size=16).double()
+def _setup(seed=0, hidden=8, views_of=4, noisy=False):
+    """A tiny Conv-4 with SSL heads (float64), SSL views of `views_of` images and a 2-task batch."""
+    torch.manual_seed(seed)
+    model = Conv4(1, hidden, "layer", out_features=3, image_size=16).double()
     params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     heads = SSLHeads(model.embedding_dim, 4).double()
     head_params = {k: v.detach().clone().requires_grad_() for k, v in heads.named_parameters()}
-    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
-    views = (x, x.flip(-1), x.transpose(-1, -2), torch.tensor([0, 1, 2, 3]))
+    x = torch.rand(views_of, 1, 16, 16, dtype=torch.float64)
+    views = (x, x.flip(-1) + (0.1 * torch.rand_like(x) if noisy else 0), x.transpose(-1, -2),
+             torch.arange(views_of) % 4)
     y = torch.arange(3)
     ep = Episode(torch.rand(3, 1, 16, 16, dtype=torch.float64), y, torch.rand(3, 1, 16, 16, dtype=torch.float64), y)
     return model, params, heads, head_params, views, stack_episodes([ep, ep])
@@ -121,7 +123,7 @@ def _ssl_gradients(rank: int, world: int, port: int, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model, params, heads, head_params, views = _ssl_setup()
+        model, params, heads, head_params, views, _ = _setup(seed=1, hidden=4, views_of=8, noisy=True)
         n = len(views[0]) // world
         mine = tuple(v[rank * n:(rank + 1) * n] for v in views)
         loss, parts = ssl_loss(model, params, {}, heads, head_params, mine, SSLWeights(),
@@ -135,17 +137,6 @@ def _ssl_gradients(rank: int, world: int, port: int, out: str) -> None:
             torch.save({"grads": grads, "metrics": metrics}, out)
     finally:
         dist.destroy_process_group()
-
-
-def _ssl_setup():
-    torch.manual_seed(1)
-    model = Conv4(1, 4, "layer", out_features=3, image_size=16).double()
-    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
-    heads = SSLHeads(model.embedding_dim, 4).double()
-    head_params = {k: v.detach().clone().requires_grad_() for k, v in heads.named_parameters()}
-    x = torch.rand(8, 1, 16, 16, dtype=torch.float64)
-    views = (x, x.flip(-1) + 0.1 * torch.rand_like(x), x.transpose(-1, -2), torch.arange(8) % 4)
-    return model, params, heads, head_params, views
 
 
 def test_ssl_gradient_over_workers_equals_the_whole_batch_gradient(tmp_path):
@@ -162,7 +153,7 @@ def test_ssl_gradient_over_workers_equals_the_whole_batch_gradient(tmp_path):
     out = str(tmp_path / "grads.pt")
     mp.start_processes(_ssl_gradients, args=(2, port, out), nprocs=2, start_method="spawn")
     got = torch.load(out, weights_only=True)
-    model, params, heads, head_params, views = _ssl_setup()
+    model, params, heads, head_params, views, _ = _setup(seed=1, hidden=4, views_of=8, noisy=True)
     loss, parts = ssl_loss(model, params, {}, heads, head_params, views, SSLWeights())
     tensors = list(params.values()) + list(head_params.values())
     want = [torch.zeros_like(t) if g is None else g
