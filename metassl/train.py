@@ -20,7 +20,7 @@ from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluate import EvalResult, eval_shape, evaluate_model
-from metassl.generate.source import TrainingSource, encoder_version, uses_model_encoder
+from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
@@ -109,11 +109,6 @@ def _extra_params(learner, weights: dict) -> dict:
     """Outer-loop parameters a learner adds to the model's (Meta-SGD step sizes), detached."""
     extra = getattr(learner, "extra_params", None)
     return {k: v.detach().clone() for k, v in extra(weights).items()} if extra else {}
-
-
-def _weights(params: dict, buffers: dict) -> dict:
-    """Detached copies of a model's parameters and buffers (what an encoder refresh sends)."""
-    return {k: v.detach().cpu().clone() for k, v in {**params, **buffers}.items()}
 
 
 def local_device(setting: str) -> torch.device:
@@ -292,7 +287,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         if saved:
             encoder = (saved["weights"], saved["version"])
         elif not gen.warmup_steps:
-            encoder = (_weights(params, buffers), 1)
+            encoder = (cpu_weights({**params, **buffers}), 1)
     train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder,
                                  actors=ctx.generator_actors, actor_cpus=ctx.actor_cpus)
     writer = None
@@ -341,7 +336,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     while step < cfg.train.steps:
         fetched = train_tasks.batch(step)
         window_wait += fetched.wait_s
-        before = {k: v.clone() for k, v in buffers.items()}  # running statistics, restored if the step is skipped
+        # running statistics before the step: a skipped step puts them back
+        before = {k: v.clone() for k, v in buffers.items()} if guard.policy == "skip" else {}
         out = learner.meta_step(model, params, buffers, fetched.episodes.to(device))
         metrics = dict(out.metrics)
         views = fetched.ssl_views() if use_ssl else None
@@ -383,7 +379,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         # which encoder makes an episode never depends on actors, chunks or restarts
         version = encoder_version(cfg, step)
         if refresh and version != encoder_version(cfg, step - 1):  # a refresh point: batch(step) needs it
-            encoder = (_weights(params, buffers), version)
+            encoder = (cpu_weights({**params, **buffers}), version)
             train_tasks.refresh_encoder(*encoder)
         out_of_time = distributed.any_true(time.perf_counter() > deadline)
         last = step == cfg.train.steps or out_of_time
