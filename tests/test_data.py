@@ -353,8 +353,8 @@ def test_default_root_downloads_and_uses_the_shipped_split_lists(tmp_path, monke
     monkeypatch.setenv("METASSL_DATA", str(tmp_path / "data"))
     mirror = (tmp_path / "mirror").as_uri()
     monkeypatch.setattr(omniglot_module, "download_omniglot", lambda dest: download_omniglot(dest, mirror))
-    val = load_split("omniglot", "val")
-    assert val.num_classes == 688 and val.x.shape == (688, 1, 28, 28)
+    val = load_split("omniglot", "val", image_size=14)  # 28x28 would read the shipped copy
+    assert val.num_classes == 688 and val.x.shape == (688, 1, 14, 14)
     assert (tmp_path / "data" / "omniglot" / "images_evaluation").is_dir()
 
 
@@ -363,9 +363,53 @@ def test_default_root_offline_says_what_to_do(tmp_path, monkeypatch):
     nowhere = (tmp_path / "no-mirror").as_uri()
     monkeypatch.setattr(omniglot_module, "download_omniglot", lambda dest: download_omniglot(dest, nowhere))
     with pytest.raises(DataError) as info:
-        load_omniglot(None, "train")
+        load_omniglot(None, "train", image_size=14)
     message = str(info.value)
     assert "could not download" in message and "METASSL_DATA" in message and "root" in message
+
+
+def test_the_shipped_28x28_omniglot_loads_offline_with_its_checksum(tmp_path, monkeypatch):
+    from metassl.data import omniglot_embedded
+
+    monkeypatch.setenv("METASSL_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(omniglot_module, "download_omniglot",
+                        lambda dest: pytest.fail("the 28x28 default must not download"))
+    sizes = {}
+    for split in ("train", "val", "test"):
+        data = load_split("omniglot", split, protocol="unsupervised")
+        sizes[split] = (data.num_classes, len(data.y))
+        assert data.x.shape[1:] == (1, 28, 28) and data.x.dtype == torch.float32
+        assert 0.0 <= float(data.x.min()) and float(data.x.max()) == 1.0
+    assert sizes == {"train": (1028, 20560), "val": (172, 3440), "test": (423, 8460)}
+    assert load_split("omniglot", "val").num_classes == 688  # supervised: 4 rotations per character
+    assert not (tmp_path / "empty").exists()
+    path = omniglot_embedded.EMBEDDED_DIR / "omniglot.npz"
+    assert omniglot_embedded.sha256_of(path) == omniglot_embedded.EMBEDDED_SHA256
+    assert (omniglot_embedded.EMBEDDED_DIR / "LICENSE").read_text().startswith("The MIT License")
+
+
+def test_a_damaged_shipped_omniglot_is_refused_by_its_checksum(tmp_path, monkeypatch):
+    from metassl.data import omniglot_embedded
+
+    folder = tmp_path / "omniglot28"
+    folder.mkdir()
+    original = (omniglot_embedded.EMBEDDED_DIR / "omniglot.npz").read_bytes()
+    (folder / "omniglot.npz").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    monkeypatch.setattr(omniglot_embedded, "EMBEDDED_DIR", folder)
+    with pytest.raises(DataError, match="damaged: sha256"):
+        load_omniglot(None, "val")
+    (folder / "omniglot.npz").unlink()
+    with pytest.raises(DataError, match="missing from this installation"):
+        load_omniglot(None, "val")
+
+
+def test_the_shipped_omniglot_is_rebuilt_bit_for_bit_from_the_full_data(omniglot_root, tmp_path):
+    from metassl.data import omniglot_embedded
+
+    path, digest = omniglot_embedded.build(omniglot_root, tmp_path)
+    assert digest == omniglot_embedded.EMBEDDED_SHA256
+    shipped = load_omniglot(None, "test", "unsupervised")
+    assert torch.equal(shipped.x, load_omniglot(omniglot_root, "test", "unsupervised").x)
 
 
 def test_download_rejects_a_file_that_is_not_a_zip(tmp_path):

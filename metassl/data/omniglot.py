@@ -13,8 +13,10 @@ Every class has the 20 drawings of its character. Images are [1, S, S] float32 w
 uses the dataset's stored 28x28 images; other sizes are resized from the 105x105 bitmaps.
 
 Where the data comes from (see omniglot_files.py for the layouts):
-`load_omniglot(root=...)` reads `root`; with root=None it reads $METASSL_DATA/omniglot (or
-~/.cache/metassl/omniglot) and downloads the official zips there when it is empty. The
+`load_omniglot(root=...)` reads `root`. With root=None, 28x28 images come from the copy
+shipped in the package (metassl/data/omniglot28, checked against its sha256: offline, no
+download); other sizes read $METASSL_DATA/omniglot (or ~/.cache/metassl/omniglot) and
+download the official zips there when it is empty. The
 split lists come from `root/splits/vinyals/{train,val,test}.txt` when present (lines
 "Alphabet/characterNN/rotDDD"), else from the copy shipped in this package.
 """
@@ -28,6 +30,7 @@ import torch
 
 from metassl.data.download import download_omniglot
 from metassl.data.episodes import FewShotSplit, check_int
+from metassl.data.omniglot_embedded import embedded_root
 from metassl.data.omniglot_files import LAYOUTS_HELP, find_layout, read_characters
 from metassl.data.paths import data_home
 from metassl.errors import DataError
@@ -79,11 +82,12 @@ def split_classes(root: Path | None, split: str) -> list[tuple[str, int]]:
     return classes
 
 
-def resolve_root(root: str | Path | None) -> tuple[Path, str]:
+def resolve_root(root: str | Path | None, image_size: int | None = None) -> tuple[Path, str]:
     """Returns (folder, layout) of the Omniglot data to read, downloading it when root is None.
 
-    An explicit root must already hold one of the two layouts. With root=None the default
-    folder is used, and filled by `download_omniglot` when it holds neither.
+    An explicit root must already hold one of the two layouts. With root=None and
+    image_size 28 the shipped copy is used; otherwise the default folder, filled by
+    `download_omniglot` when it holds neither layout.
     """
     if root is not None:
         path = Path(root).expanduser()
@@ -93,6 +97,8 @@ def resolve_root(root: str | Path | None) -> tuple[Path, str]:
         if layout is None:
             raise DataError(f"no Omniglot data in {path}; the folder should be {LAYOUTS_HELP}")
         return path, layout
+    if image_size == 28:
+        return embedded_root(), "npz"
     path = default_root()
     if find_layout(path) is None:
         download_omniglot(path)  # raises a DataError that says what to do when offline
@@ -117,7 +123,7 @@ def load_omniglot(
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown Omniglot protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     image_size = check_int("image_size", image_size, 1)
-    folder, layout = resolve_root(root)
+    folder, layout = resolve_root(root, image_size)
     classes = split_classes(folder, split)
     characters = list(dict.fromkeys(character for character, _ in classes))  # unique, in order
     if protocol == "unsupervised":
