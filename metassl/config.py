@@ -62,7 +62,7 @@ class LearnerConfig:
     name: str = "protonet"  # maml | fomaml | reptile | protonet | matchingnet
     inner_lr: float = 0.4  # inner-loop SGD step size (MAML, Reptile)
     inner_steps: int = 1  # inner steps during meta-training
-    eval_inner_steps: int = 3  # inner steps at evaluation
+    eval_inner_steps: int | None = None  # inner steps at evaluation; None: inner_steps
     first_order: bool = False  # MAML without second-order terms (implied by fomaml)
     vectorize: bool = False  # MAML: vmap over the tasks of a meta-batch instead of a loop
     learn_inner_lr: bool = False  # MAML: Meta-SGD, a learned step size per weight (starting at inner_lr)
@@ -332,7 +332,7 @@ def _validate(cfg: Config) -> None:
         if not 0 <= _get(cfg, key) <= MAX_SEED:
             raise ConfigError(f"{key}={_get(cfg, key)} must be in [0, {MAX_SEED}]")
     for key, most in AT_MOST.items():
-        if _get(cfg, key) > most:
+        if _get(cfg, key) is not None and _get(cfg, key) > most:
             raise ConfigError(f"{key}={_get(cfg, key)} is larger than the most that can run ({most})")
     for key in ("episodes.n_way", "episodes.k_shot", "episodes.n_query", "episodes.meta_batch",
                 "train.steps", "train.log_every", "train.val_every", "train.checkpoint_every"):
@@ -346,7 +346,7 @@ def _validate(cfg: Config) -> None:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
     for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
+        if _get(cfg, key) is not None and _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if cfg.tune.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor={cfg.tune.reduction_factor} must be >= 2 (ASHA keeps 1/rf per rung)")
