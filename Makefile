@@ -14,18 +14,25 @@ STAMP := $(VENV)/.installed
 .PHONY: run test install clean
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV)
 
+# pip's output goes to $(VENV)/install.log (its last lines are shown when it fails)
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@echo "installing metassl and its dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@( $(PY) -m pip install --upgrade pip && \
+	  { $(PY) -c "import torch" 2>/dev/null || \
+	    $(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); } && \
+	  $(PY) -m pip install -e ".[dev]" ) > $(VENV)/install.log 2>&1 || \
+	  { tail -n 30 $(VENV)/install.log; echo "installation failed: see $(VENV)/install.log"; exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 
+# Self-supervised meta-learning on the Omniglot shipped in the package (offline), then the
+# untrained and the trained network side by side on the test characters. Re-running
+# resumes (and re-reports) the same run; `make clean` starts afresh.
 run: $(STAMP)
-	$(VENV)/bin/metassl train experiments/digits_protonet.yaml --run-dir runs/digits_protonet --workers 2
+	$(VENV)/bin/metassl train experiments/quickstart.yaml --run-dir runs/quickstart --workers 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

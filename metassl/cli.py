@@ -25,8 +25,8 @@ def _train(args) -> int:
     else:
         from metassl.raytrain import run_ray
         result = run_ray(cfg, run_dir, workers=args.workers, address=args.address, placement=args.placement,
-                         log=_log)
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
+                         log=_log, quiet=not args.verbose)
+    print(f"run directory: {run_dir}  (tensorboard --logdir {join(run_dir, 'tensorboard')})")
     if args.json:
         print(json.dumps(result["test"]))
     return 0
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), default="PACK",
                    help="Ray placement of the workers (default PACK; STRICT_SPREAD: one worker per node)")
     t.add_argument("--json", action="store_true", help="also print the test result as JSON")
+    t.add_argument("--verbose", action="store_true",
+                   help="show Ray's own messages and the workers' output (default: in ray.log and Ray's log folder)")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="write pseudo-labelled episodes as Parquet shards (local path or URI)")

@@ -166,6 +166,8 @@ class EvalConfig:
     episodes: int = 1000
     seed: int = 0
     inner_steps: int | None = None  # None: learner.eval_inner_steps
+    # also evaluate the network as initialised (same episodes) and print both side by side
+    compare_untrained: bool = False
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,26 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def format_results(result: dict) -> list[str]:
+    """Console lines for a run's `result.json` dict: the test result, beside the untrained one if any."""
+    test = EvalResult(**result["test"])
+    if "untrained" not in result:
+        return test.summary().splitlines()
+    base = EvalResult(**result["untrained"])
+    p = test.protocol
+    scale, unit = (100.0, "%") if test.metric == "accuracy" else (1.0, "")
+    shape = f"{p.get('n_way')}-way {p.get('k_shot')}-shot" if test.metric == "accuracy" else f"{p.get('k_shot')}-shot"
+    classes = f", {p['num_classes']} classes" if p.get("num_classes") else ""
+    rows = [("untrained network", base), (f"trained (step {result.get('best_step')})", test)]
+    lines = [f"{p.get('dataset')} {p.get('split')} {shape} {test.metric}, {test.episodes} episodes "
+             f"(seed {p.get('seed')}{classes}):"]
+    for label, res in rows:
+        lines.append(f"  {label:<22} {scale * res.mean:7.2f} +- {scale * res.ci95:.2f}{unit}")
+    gain = scale * (test.mean - base.mean)
+    lines[-1] += f"   ({gain:+.2f}{' points' if unit else ''})"
+    return lines
+
+
 def mean_ci95(values) -> tuple[float, float]:
     """Return `(mean, 1.96 * std / sqrt(n))` of a 1-d sequence (sample std)."""
     values = np.asarray(values, dtype=np.float64)

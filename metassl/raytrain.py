@@ -15,10 +15,13 @@ the run resumes on another one from what storage holds.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import ray
@@ -77,8 +80,47 @@ def _worker(loop_config: dict) -> None:
     if not cfg.train.threads:  # this node's cores, shared with its other workers
         torch.set_num_threads(max(1, _node_cores() // ray.train.get_context().get_local_world_size()))
     ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"], loop_config["actor_cpus"])
-    train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"],
-               log=_console)
+    relay = loop_config.get("console")
+
+    def log(line: str) -> None:
+        _console(line)  # the worker's own log (Ray's log folder, or the console when verbose)
+        if relay is not None:
+            relay.put_nowait(line)
+
+    train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"], log=log)
+
+
+class ConsoleRelay:
+    """Rank 0's progress lines, printed by the driver while `fit()` runs (the quiet console).
+
+    Workers' own output then stays in Ray's log folder: rank 0 puts each line into a Ray
+    queue, and a thread of the driver hands it to `log`.
+    """
+
+    def __init__(self, log):
+        from ray.util.queue import Queue
+
+        self.log, self.queue = log, Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="metassl-console", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set() or not self.queue.empty():
+            try:
+                line = self.queue.get(timeout=0.25)
+            except (Empty, queue.Empty):
+                continue
+            except Exception:  # the queue's actor is gone: nothing more will come
+                return
+            self.log(line)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.queue.shutdown()
 
 
 def _node_cores() -> int:
@@ -96,19 +138,57 @@ def _console(line: str) -> None:
     sys.stdout.flush()
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address` (or $RAY_ADDRESS), else start a local Ray instance with `num_cpus` logical CPUs."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet_log: Path | None = None) -> None:
+    """Connect to `address` (or $RAY_ADDRESS), else start a local Ray instance with `num_cpus` logical CPUs.
+
+    With `quiet_log` (a file) Ray's messages in this process go to that file instead of
+    the console, and workers' and actors' output stays in Ray's log folder (`ray_logs_dir`).
+    """
     if ray.is_initialized():
         return
+    quiet = {}
+    if quiet_log is not None:
+        _log_ray_to_file(quiet_log)
+        quiet = {"log_to_driver": False, "configure_logging": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": _FAST_REPORTS})
+        ray.init(address=address, runtime_env={"env_vars": _FAST_REPORTS}, **quiet)
         return
     os.environ.update({k: os.environ.get(k, v) for k, v in _FAST_REPORTS.items()})
     # The dashboard (on this machine's loopback only) serves Ray's state API, which Ray
     # Train's placement-group cleaner polls: without it a stopped run's CPUs are never
     # given back (and the cleaner logs a warning every second).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+
+
+def _log_ray_to_file(path: Path) -> None:
+    """Send this process's log records (Ray's, and Python warnings) to `path` instead of the console.
+
+    The handler sits on the root logger: `ray.init(configure_logging=False)` clears the
+    "ray" logger's own handlers, and its records then propagate to the root.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if type(old) is logging.StreamHandler:  # a console handler someone configured
+            root.removeHandler(old)
+    root.addHandler(handler)
+    ray_logger = logging.getLogger("ray")
+    ray_logger.setLevel(logging.INFO)
+    ray_logger.propagate = True
+    logging.captureWarnings(True)
+
+
+def ray_logs_dir() -> str:
+    """The log folder of the connected Ray instance's session (where workers' output goes)."""
+    try:
+        from ray._private import worker as ray_worker  # no public API names this folder
+
+        return ray_worker._global_node.get_logs_dir_path()
+    except Exception:
+        return "the logs/ folder of Ray's session directory"
 
 
 def alive_nodes() -> int:
@@ -137,7 +217,7 @@ def check_storage_reaches_nodes(location: str | Path, what: str = "the run direc
 
 def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None,
             log=print, final_eval: bool = True, callbacks: list | None = None, worker_cpus: float = 1.0,
-            placement: str = "PACK") -> dict:
+            placement: str = "PACK", quiet: bool = False) -> dict:
     """Meta-train with `workers` Ray Train workers; return `result.json`'s dict.
 
     `final_eval=False` skips the meta-test evaluation (tuning); `callbacks` are Ray Train
@@ -145,7 +225,9 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     `worker_cpus` is each worker's CPU request (a tuning trial leaves a sliver to its driver);
     `placement` is Ray's placement strategy for the workers (`PLACEMENTS`; STRICT_SPREAD
     puts each worker on its own node). On a cluster of several nodes `run_dir` must be a
-    storage URI.
+    storage URI. `quiet`: the console shows rank 0's progress lines (through `log`) and
+    nothing of Ray's; Ray's messages go to `ray.log` in the run directory and workers'
+    output to Ray's log folder, both named on the console.
     """
     if workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1")
@@ -164,8 +246,12 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     # leave (a fraction each, possibly 0), so that they can always be placed.
     address = address or os.environ.get("RAY_ADDRESS")
     running = bool(address) or ray.is_initialized()
+    # quiet only where this process starts or joins Ray: a Ray instance someone else set up
+    # keeps its own logging, and its workers' output may already reach this console
+    quiet = quiet and not ray.is_initialized()
+    quiet_log = store.local / "ray.log" if quiet else None
     if running:
-        init_ray(address)
+        init_ray(address, quiet_log=quiet_log)
         cpus = ray.cluster_resources().get("CPU", 0)
     else:
         cpus = os.cpu_count() or 1
@@ -174,14 +260,18 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     actor_cpus = 1.0
     if running and actors:
         actor_cpus = min(1.0, max(0.0, cpus - workers) / (workers * actors))
-    init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)))
+    init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)), quiet_log=quiet_log)
+    if quiet:
+        log(f"Ray's messages: {quiet_log}; workers' output: {ray_logs_dir()} (--verbose shows them here)")
     check_storage_reaches_nodes(store.location)  # before any worker starts
     use_gpu = _use_gpu(cfg.train.device, workers, ray.cluster_resources().get("GPU", 0))
+    relay = ConsoleRelay(log) if quiet else None  # closed in the `finally` below
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
                            "generator_actors": actors, "actor_cpus": actor_cpus,
                            "use_gpu": use_gpu, "final_eval": final_eval,
+                           "console": relay.queue if relay is not None else None,
                            "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")}},
         # With use_gpu each worker also gets one GPU and the process group uses NCCL.
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus},
@@ -199,6 +289,9 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     except ray.train.TrainingFailedError as e:
         raise MetasslError(f"training on Ray failed after {cfg.train.max_failures} retries: "
                            f"{_root_cause(e)}") from None
+    finally:
+        if relay is not None:
+            relay.close()
     store.pull()
     result_file = store.local / "result.json"
     if not result_file.is_file():

@@ -307,6 +307,9 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                              seed=cfg.eval.seed, baseline=False, sampler=val_tasks)
         writer.add_scalar("val/acc" if higher_is_better else "val/mse", res.mean, step)
         writer.add_scalar("val/ci95", res.ci95, step)
+        scale, unit = (100, "%") if higher_is_better else (1, "")
+        log(f"step {step}: meta-val {'accuracy' if higher_is_better else 'MSE'} {scale * res.mean:.2f} +- "
+            f"{scale * res.ci95:.2f}{unit} ({res.episodes} {cfg.data.dataset} val episodes)")
         return res.mean
 
     def save(step: int, val: float | None) -> Path:
@@ -412,7 +415,9 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             saved = save(step, val if val_now else None)
         if log_now or ckpt_now:
             # "val" only when this step validated: a tuning scheduler compares fresh scores
-            ctx.report({**report, "step": step, **({"val": val} if val_now else {})}, saved)
+            # "final" tells the driver that meta-test evaluation comes next
+            ctx.report({**report, "step": step, **({"val": val} if val_now else {}),
+                        **({"final": True} if last else {})}, saved)
         if out_of_time:
             if lead:
                 log(f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached")
@@ -458,14 +463,35 @@ def _write_hparams(writer, cfg: Config) -> None:
 
 
 def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> dict:
-    """Evaluate `best.pt` on the meta-test split with the config's eval protocol."""
+    """Evaluate `best.pt` on the meta-test split with the config's eval protocol.
+
+    With `eval.compare_untrained` the network as initialised (`model`'s own weights: the
+    module is never trained) is evaluated first on the same episodes, under "untrained".
+    """
+    from metassl.evaluate import format_results
+
     state = checkpoint.load(checkpoint.best_path(run_dir))
-    params, buffers = state["params"], state["buffers"]
-    res: EvalResult = evaluate_model(cfg, learner, model, params, buffers, split=cfg.eval.split,
-                                     episodes=cfg.eval.episodes, seed=cfg.eval.seed,
-                                     inner_steps=cfg.eval.inner_steps)
-    log(res.summary())
-    return {"name": cfg.name, "best_step": state["step"], "test": res.to_dict()}
+    n_way, k_shot, n_query = eval_shape(cfg)
+    sampler = (build_sampler(cfg, cfg.eval.split, n_way=n_way, k_shot=k_shot, n_query=n_query,
+                             seed=cfg.eval.seed) if not is_regression(cfg) else None)
+
+    def evaluate(params, buffers) -> EvalResult:
+        return evaluate_model(cfg, learner, model, params, buffers, split=cfg.eval.split,
+                              episodes=cfg.eval.episodes, seed=cfg.eval.seed,
+                              inner_steps=cfg.eval.inner_steps, sampler=sampler)
+
+    result = {"name": cfg.name, "best_step": state["step"]}
+    if cfg.eval.compare_untrained:
+        log(f"evaluating the untrained network on {cfg.eval.episodes} {cfg.eval.split} episodes")
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        params.update(_extra_params(learner, params))
+        result["untrained"] = evaluate(params, {k: v.detach() for k, v in model.named_buffers()}).to_dict()
+    log(f"evaluating the trained network (step {state['step']}) on {cfg.eval.episodes} "
+             f"{cfg.eval.split} episodes")
+    result["test"] = evaluate(state["params"], state["buffers"]).to_dict()
+    for line in format_results(result):
+        log(line)
+    return result
 
 
 def load_trained(path: str | Path):
