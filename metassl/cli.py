@@ -1,4 +1,4 @@
-"""`metassl` command line: train | generate | eval | tune."""
+"""`metassl` command line: train | generate | eval | tune | report."""
 from __future__ import annotations
 
 import argparse
@@ -111,6 +111,12 @@ def _generate(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from metassl.report import main as report_main
+
+    return report_main(args.runs, args.out, log=_log)
+
+
 def _replace_data(cfg, **changes):
     import dataclasses
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
@@ -183,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inner-steps", type=int, help="test-time inner steps (gradient-based learners)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.set_defaults(func=_eval)
+
+    r = sub.add_parser("report", help="(re)draw a run's report.md, curves.png and episodes.png; several runs: "
+                                      "also their meta-val curves on one plot")
+    r.add_argument("runs", nargs="+", help="run directories (or storage URIs)")
+    r.add_argument("--out", help="the comparison plot (default: compare.png beside the first run)")
+    r.set_defaults(func=_report)
     return parser
 
 

@@ -434,6 +434,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                   "best_val": best, "val_history": history, "loss_history": losses, "resumed_at": resumes}
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
         writer.close()
+        _write_report(run_dir, log)
         store.push()
         return result
     if final_eval:
@@ -447,8 +448,22 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     if final_eval:
         writer.add_scalar("test/" + result["test"]["metric"], result["test"]["mean"], step)
     writer.close()
+    if final_eval:  # a tuning trial's report would only slow the sweep: `metassl report` draws it on demand
+        _write_report(run_dir, log)
     store.push()
     return result
+
+
+def _write_report(run_dir: Path, log) -> None:
+    """Write report.md, curves.png and episodes.png into the run directory (never fails the run)."""
+    from metassl.report import write_report
+
+    try:
+        files = write_report(run_dir)
+    except Exception as e:  # the run itself is done and saved: a drawing problem is only reported
+        log(f"no report for {run_dir} ({type(e).__name__}: {' '.join(str(e).split())[:300]})")
+        return
+    log(f"report: {files['report']}  ({', '.join(p.name for k, p in files.items() if k != 'report')})")
 
 
 def _write_hparams(writer, cfg: Config) -> None:

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
+from metassl.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.steps=6", "--set", "train.log_every=3", "--set", "train.val_every=3",
         "--set", "train.val_episodes=10", "--set", "train.checkpoint_every=3", "--set", "eval.episodes=30",
@@ -45,3 +49,17 @@ def test_quickstart_runs_actors_and_the_combined_objective_and_prints_both_netwo
     assert result["test"]["protocol"]["split"] == "test" and result["test"]["protocol"]["num_classes"] == 423
     assert result["untrained"]["protocol"] == result["test"]["protocol"]
     assert f"tensorboard --logdir {run / 'tensorboard'}" in out
+    # the run's report: written at the end of training, re-drawn by `metassl report`
+    files = {name: run / name for name in ("report.md", "curves.png", "episodes.png")}
+    assert f"report: {files['report.md']}" in out
+    for name in ("curves.png", "episodes.png"):
+        with Image.open(files[name]) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 100
+    report = files["report.md"].read_text()
+    assert f"{table.group(2)}" in report and "untrained" in report
+    before = files["curves.png"].stat().st_mtime_ns
+    assert main(["report", str(run), str(run)]) == 0
+    assert files["curves.png"].stat().st_mtime_ns > before
+    with Image.open(run.parent / "compare.png") as image:
+        image.verify()
