@@ -20,7 +20,7 @@ def _train(args) -> int:
     cfg = config.load(args.config, args.set)
     run_dir = args.run_dir or join(cfg.storage or "runs", cfg.name)  # a folder or a storage URI
     if args.backend == "local":
-        from metassl.train import run_local
+        from metassl.trainer import run_local
         result = run_local(cfg, run_dir, log=_log)
     else:
         from metassl.raytrain import run_ray
@@ -55,8 +55,8 @@ def _tune(args) -> int:
 
 
 def _eval(args) -> int:
-    from metassl.evaluate import evaluate_model
-    from metassl.train import load_trained
+    from metassl.evaluation import evaluate_model
+    from metassl.trainer import load_trained
 
     cfg, learner, model, params, buffers, _ = load_trained(args.checkpoint)
     dataset, root = args.data, None

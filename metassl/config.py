@@ -66,6 +66,9 @@ class LearnerConfig:
     first_order: bool = False  # MAML without second-order terms (implied by fomaml)
     vectorize: bool = False  # MAML: vmap over the tasks of a meta-batch instead of a loop
     learn_inner_lr: bool = False  # MAML: Meta-SGD, a learned step size per weight (starting at inner_lr)
+    # MAML: every task's inner loop starts from a zero head as wide as the episode (the zeroing
+    # trick), so one model adapts to any N-way and classes are not tied to output units
+    zero_head: bool = False
     matching_scale: float = 1.0  # Matching Nets: cosine similarities are multiplied by this
 
 
@@ -361,6 +364,11 @@ def _validate(cfg: Config) -> None:
     if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
                           f"got {cfg.learner.name!r}")
+    if cfg.learner.zero_head and cfg.learner.name not in ("maml", "fomaml"):
+        raise ConfigError(f"learner.zero_head=true is for learner.name 'maml' or 'fomaml', got {cfg.learner.name!r}")
+    if cfg.learner.zero_head and cfg.learner.learn_inner_lr:
+        raise ConfigError("learner.zero_head and learner.learn_inner_lr (Meta-SGD) do not combine: the zero head "
+                          "is as wide as each episode, so it has no fixed shape to learn step sizes for")
     if cfg.learner.vectorize and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.vectorize=true maps MAML's inner loop with vmap; learner.name="
                           f"{cfg.learner.name!r} has none (use maml or fomaml)")
@@ -398,10 +406,11 @@ def _validate(cfg: Config) -> None:
     _check_sizes(cfg)
     if cfg.model.norm == "group" and cfg.model.hidden % 8:
         raise ConfigError(f"model.norm='group' uses 8 groups, so model.hidden={cfg.model.hidden} must be a multiple of 8")
-    head_learner = cfg.learner.name in ("maml", "fomaml", "reptile")
+    head_learner = cfg.learner.name in ("maml", "fomaml", "reptile") and not cfg.learner.zero_head
     if head_learner and cfg.eval.n_way not in (None, cfg.episodes.n_way):
         raise ConfigError(f"eval.n_way={cfg.eval.n_way}: learner {cfg.learner.name!r} trains an "
-                          f"episodes.n_way={cfg.episodes.n_way}-way classifier head and is evaluated with the same n_way")
+                          f"episodes.n_way={cfg.episodes.n_way}-way classifier head and is evaluated with the same "
+                          f"n_way (learner.zero_head=true adapts a head of any width)")
     regression = cfg.data.dataset == "sinusoid"
     if regression != (cfg.model.backbone == "mlp"):
         raise ConfigError(

@@ -35,7 +35,7 @@ from metassl.config import Config, actors_per_worker, from_dict, to_dict
 from metassl.data import FORBIDDEN_SPLITS_ENV
 from metassl.errors import ConfigError, MetasslError
 from metassl.storage import RunStore, is_uri
-from metassl.train import check_data, check_resumable, raise_if_stopped, train_loop
+from metassl.trainer import check_data, check_resumable, raise_if_stopped, train_loop
 
 STATE_FILE = "state.pt"  # the checkpoint file inside a Ray checkpoint directory
 # Ray Train's controller polls workers every 2 s by default, which makes each

@@ -386,7 +386,7 @@ def _config_rows(run: Run) -> list[tuple[str, str]]:
 
 
 def _result_lines(run: Run) -> list[str]:
-    from metassl.evaluate import EvalResult
+    from metassl.evaluation import EvalResult
 
     r = run.result
     lines = ["## Result", ""]

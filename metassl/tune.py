@@ -113,7 +113,7 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
 
     from metassl.raytrain import check_storage_reaches_nodes, init_ray
     from metassl.registry import is_regression
-    from metassl.train import check_data
+    from metassl.trainer import check_data
 
     if not base.tune.space:
         raise ConfigError("tune.space is empty: name the config keys to search, e.g. "
@@ -170,7 +170,7 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
 def conclude(rows: list[dict], base: Config, sweep: str, out: Path, mode: str, log=print) -> dict:
     """Write the sweep's outputs to `out` (uploading each to `sweep` when that is a URI): the
     table, the best config and heat map, then the best trial's meta-test result."""
-    from metassl.train import load_trained
+    from metassl.trainer import load_trained
 
     def publish(name: str) -> Path:
         if is_uri(sweep):
@@ -302,7 +302,7 @@ def _spread(rows: list[dict], key: str) -> float:
 
 def evaluate_best(cfg: Config, trained: tuple, log=print) -> dict:
     """Evaluate the best trial's best checkpoint (`load_trained`'s tuple) on meta-test (the only read of meta-test)."""
-    from metassl.evaluate import evaluate_model
+    from metassl.evaluation import evaluate_model
 
     _, learner, model, params, buffers, _ = trained
     res = evaluate_model(cfg, learner, model, params, buffers, split=cfg.eval.split, episodes=cfg.eval.episodes,

@@ -160,3 +160,14 @@ def test_vectorize_needs_maml():
     with pytest.raises(ConfigError, match="learner.vectorize"):
         config.load(None, ["learner.vectorize=true", "learner.name=protonet"])
     assert config.load(None, ["learner.vectorize=true", "learner.name=maml", "model.norm=batch"]).learner.vectorize
+
+
+def test_zero_head_is_for_maml_and_frees_the_evaluation_width():
+    with pytest.raises(ConfigError, match="zero_head=true is for learner.name 'maml' or 'fomaml'"):
+        config.load(None, ["learner.zero_head=true"])  # the default learner is protonet
+    with pytest.raises(ConfigError, match="do not combine"):
+        config.load(None, ["learner.name=maml", "learner.zero_head=true", "learner.learn_inner_lr=true"])
+    with pytest.raises(ConfigError, match="learner.zero_head=true adapts a head of any width"):
+        config.load(None, ["learner.name=fomaml", "episodes.n_way=10", "eval.n_way=5"])
+    cfg = config.load(None, ["learner.name=fomaml", "learner.zero_head=true", "episodes.n_way=10", "eval.n_way=5"])
+    assert cfg.learner.zero_head and cfg.eval.n_way == 5

@@ -12,7 +12,7 @@ from metassl.cli import main
 from metassl.data import imagefolder, load_split
 from metassl.data.imagefolder import split_class_names, split_counts
 from metassl.errors import DataError
-from metassl.train import run_local
+from metassl.trainer import run_local
 
 
 def write_classes(root: Path, names, images: int = 4, size: int = 12, seed: int = 0) -> Path:

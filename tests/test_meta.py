@@ -271,3 +271,59 @@ def test_vectorized_maml_refuses_a_model_with_running_statistics():
     params, buffers = _params(model), {k: v.clone() for k, v in model.named_buffers()}
     with pytest.raises(ConfigError, match="running statistics"):
         MAML(inner_lr=0.1, vectorize=True).meta_step(model, params, buffers, _image_batch())
+
+
+# --- the zeroing trick: a zero head as wide as each episode -------------------------------------
+
+def _conv_model(out_features=3):
+    from metassl.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("conv4", out_features=out_features, hidden=8, norm="layer", image_size=16)
+
+
+def test_zero_head_one_step_sets_class_weights_from_support_features_and_leaves_the_body():
+    model = _conv_model(out_features=7)  # the model's own 7-way head is never used
+    batch = _image_batch(tasks=1, n_way=3, k=2)
+    learner = MAML(inner_lr=0.5, inner_steps=1, zero_head=True)
+    params = _params(model)
+    start = learner.task_start(params, batch.support_y[0])
+    assert start["head.weight"].shape == (3, model.embedding_dim) and not start["head.weight"].any()
+    adapted = adapt(model, start, {}, batch.support_x[0], batch.support_y[0], inner_lr=0.5, steps=1)
+    # with a zero head the features get no inner gradient; each class's weights are
+    # lr / n * (sum of its support features - the share of all features): a centred prototype
+    for name in params:
+        if not name.startswith("head."):
+            assert torch.equal(adapted[name], start[name])
+    embed = _embedding(model, params, batch.support_x[0])
+    onehot = torch.nn.functional.one_hot(batch.support_y[0], 3).to(embed)
+    expected = 0.5 / len(embed) * (onehot - 1 / 3).T @ embed
+    assert torch.allclose(adapted["head.weight"], expected, atol=1e-5)
+
+
+def _embedding(model, params, x):
+    head_free = {k: v for k, v in params.items() if not k.startswith("head.")}
+    saved, model.head = model.head, None  # run the body only (the module is restored below)
+    try:
+        return forward(model, head_free, {}, x).detach()
+    finally:
+        model.head = saved
+
+
+def test_zero_head_predictions_follow_the_labels_and_serve_any_n_way():
+    model = _conv_model(out_features=3)
+    learner = MAML(inner_lr=0.5, inner_steps=2, zero_head=True)
+    params = _params(model)
+    five = _image_batch(tasks=1, n_way=5, k=2, q=3)
+    episode = Episode(five.support_x[0], five.support_y[0], five.query_x[0], five.query_y[0])
+    logits = learner.predict(model, params, {}, episode)
+    assert logits.shape == (15, 5)
+    # renumbering the classes renumbers the outputs and nothing else
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    renamed = Episode(episode.support_x, perm[episode.support_y], episode.query_x, perm[episode.query_y])
+    assert torch.allclose(learner.predict(model, params, {}, renamed)[:, perm], logits, atol=1e-5)
+    # the meta-gradient reaches the body, never the unused head
+    out = learner.meta_step(model, params, {}, five)
+    grads = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)))
+    assert grads["head.weight"] is None and grads["head.bias"] is None
+    assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if not k.startswith("head."))

@@ -319,7 +319,7 @@ def _uninterrupted_worker(rank: int, cfg: dict, run_dir: str, port: int) -> None
     import torch.distributed as dist
 
     from metassl.config import from_dict
-    from metassl.train import LocalContext, train_loop
+    from metassl.trainer import LocalContext, train_loop
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

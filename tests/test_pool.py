@@ -192,7 +192,7 @@ def test_pool_waits_for_a_version_before_asking_for_its_episodes(images, weights
 
 def test_training_parameters_do_not_depend_on_actors_chunks_or_resumes(tmp_path, ray_session):
     """Runs that differ only in generator.actors/max_in_flight/episodes_per_task train identically."""
-    from metassl.train import LocalContext, train_loop
+    from metassl.trainer import LocalContext, train_loop
 
     def run(name, actors, per_task, in_flight, steps=6):
         cfg = self_improving(f"generator.episodes_per_task={per_task}", f"generator.max_in_flight={in_flight}",

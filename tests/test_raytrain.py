@@ -11,7 +11,7 @@ import torch
 
 from metassl import checkpoint, config
 from metassl.raytrain import run_ray
-from metassl.train import run_local
+from metassl.trainer import run_local
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -130,7 +130,7 @@ def test_worker_threads_come_from_the_cores_ray_and_the_os_both_give():
 
 
 def test_a_diverging_run_on_ray_stops_once_naming_the_step_without_retries(tmp_path):
-    from metassl.train import NonFiniteError
+    from metassl.trainer import NonFiniteError
 
     t0 = time.perf_counter()
     with pytest.raises(NonFiniteError, match="step 1: the loss") as err:

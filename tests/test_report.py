@@ -209,7 +209,7 @@ def test_episode_grid_caps_classes_and_draws_grey_and_colour_images(tmp_path):
 def test_report_shows_the_episodes_a_real_run_trained_on(tmp_path, monkeypatch):
     """Self-improving cluster run (encoder: the network itself, version 1 at step 0), trained for real."""
     from metassl.generate import source
-    from metassl.train import run_local
+    from metassl.trainer import run_local
 
     seen = []
     batch = source.TrainingSource.batch

@@ -10,7 +10,7 @@ from metassl.cli import main
 from metassl.errors import ConfigError, StorageError
 from metassl.raytrain import run_ray
 from metassl.storage import RunStore, cache_root, read_text
-from metassl.train import load_trained, run_local
+from metassl.trainer import load_trained, run_local
 
 TINY = ["model.hidden=8", "episodes.meta_batch=2", "train.log_every=1", "train.val_every=2", "train.val_episodes=10",
         "train.checkpoint_every=1", "eval.episodes=10", "episodes.n_query=2"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from metassl import config
-from metassl.train import run_local
+from metassl.trainer import run_local
 
 TAGS = {"train/meta_loss", "train/ssl_loss", "train/query_acc", "val/acc", "val/ci95",
         "perf/episodes_per_s", "perf/wait_frac", "lr"}

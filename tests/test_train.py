@@ -6,7 +6,7 @@ import torch
 
 from metassl import checkpoint, config
 from metassl.errors import CheckpointError, ConfigError
-from metassl.train import load_trained, run_local
+from metassl.trainer import load_trained, run_local
 
 TINY = ["model.hidden=8", "episodes.meta_batch=2", "train.log_every=1", "train.val_every=5",
         "train.val_episodes=10", "train.checkpoint_every=5", "eval.episodes=20"]
@@ -136,7 +136,7 @@ def test_meta_sgd_learns_its_step_sizes_and_reloads(tmp_path):
 
 
 def test_meta_sgd_step_sizes_are_not_decayed():
-    from metassl.train import make_optimizer
+    from metassl.trainer import make_optimizer
 
     named = {"w": torch.ones(3, requires_grad=True), "inner_lr.w": torch.full((3,), 0.1, requires_grad=True)}
     opt, _ = make_optimizer(tiny("optim.weight_decay=0.5", "optim.optimizer=sgd", "optim.outer_lr=0.1"), named)
@@ -151,7 +151,7 @@ def test_meta_sgd_step_sizes_are_not_decayed():
 
 def test_device_settings():
     from metassl.raytrain import _use_gpu
-    from metassl.train import local_device
+    from metassl.trainer import local_device
 
     assert local_device("cpu") == torch.device("cpu")
     assert _use_gpu("auto", workers=2, gpus=2) and not _use_gpu("auto", workers=2, gpus=1)
@@ -168,7 +168,7 @@ def test_device_settings():
 
 def _poison(monkeypatch, bad_calls):
     """Make the learner's meta_step return a NaN loss on the given (1-based) calls."""
-    import metassl.train as train_module
+    import metassl.trainer as train_module
 
     real = train_module.build_learner
     calls = {"n": 0}
@@ -189,7 +189,7 @@ def _poison(monkeypatch, bad_calls):
 
 
 def test_a_non_finite_step_stops_the_run_naming_the_step_and_last_checkpoint(tmp_path, monkeypatch):
-    from metassl.train import NonFiniteError
+    from metassl.trainer import NonFiniteError
 
     _poison(monkeypatch, {7})
     with pytest.raises(NonFiniteError) as err:
@@ -216,7 +216,7 @@ def test_skip_mode_finishes_counting_skipped_steps_and_changes_nothing_on_them(t
 
 
 def test_skip_mode_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
-    from metassl.train import NonFiniteError
+    from metassl.trainer import NonFiniteError
 
     _poison(monkeypatch, set(range(2, 20)))
     with pytest.raises(NonFiniteError, match="step 5.*4th such step in a row"):
@@ -235,7 +235,7 @@ def test_a_skipped_step_leaves_parameters_and_running_statistics_unchanged(tmp_p
 
 
 def test_a_nan_validation_never_becomes_best(tmp_path, monkeypatch):
-    import metassl.train as train_module
+    import metassl.trainer as train_module
 
     real = train_module.evaluate_model
     calls = {"n": 0}
@@ -253,7 +253,7 @@ def test_a_nan_validation_never_becomes_best(tmp_path, monkeypatch):
 
 
 def test_maml_with_batch_norm_evaluates_with_the_normalisation_it_trained_with(tmp_path):
-    from metassl.evaluate import evaluate_model
+    from metassl.evaluation import evaluate_model
 
     cfg = tiny("learner.name=maml", "learner.inner_lr=0.1", "model.norm=batch", steps=6)
     result = run_local(cfg, tmp_path, log=_quiet)

@@ -33,6 +33,12 @@ class MAML:
     step size, a tensor of its shape that starts at `inner_lr` and is learned in the
     outer loop; `extra_params` makes them and they travel in the params dict as
     `inner_lr.<name>`.
+    `zero_head=True` is the zeroing trick (Kao et al., ICLR 2022, "MAML is a noisy
+    contrastive learner in classification"): every task's inner loop starts from a head of
+    zeros as wide as the episode has classes, so one inner step sets each class's weights
+    to (a scaled, centred) mean of its support features, the classifier no longer depends
+    on how classes are numbered, and one model serves any N-way (train 64-way, test 5-way).
+    The model's own head weights are then never used.
     """
 
     needs_head = True
@@ -46,6 +52,7 @@ class MAML:
         eval_inner_steps: int | None = None,
         vectorize: bool = False,
         learn_inner_lr: bool = False,
+        zero_head: bool = False,
     ):
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -53,6 +60,10 @@ class MAML:
         self.eval_inner_steps = eval_inner_steps if eval_inner_steps is not None else inner_steps
         self.vectorize = vectorize
         self.learn_inner_lr = learn_inner_lr
+        self.zero_head = zero_head
+        if zero_head and learn_inner_lr:
+            raise ConfigError("learner.zero_head and learner.learn_inner_lr (Meta-SGD) do not combine: a head "
+                              "of zeros as wide as each episode has no fixed shape to learn step sizes for")
 
     def extra_params(self, weights: Params) -> Params:
         """The outer-loop parameters this learner adds to the model's: Meta-SGD step sizes, or none."""
@@ -60,9 +71,22 @@ class MAML:
             return {}
         return {INNER_LR + k: torch.full_like(v, self.inner_lr) for k, v in weights.items()}
 
+    def task_start(self, weights: Params, support_y: torch.Tensor) -> Params:
+        """The weights every task's inner loop starts from: `weights`, or with `zero_head` the
+        same with a zero head as wide as the episode has classes (labels are 0..N-1)."""
+        if not self.zero_head:
+            return weights
+        if "head.weight" not in weights:
+            raise ConfigError("learner.zero_head needs a model with a linear head (head.weight, head.bias)")
+        n_way = int(support_y.max()) + 1
+        w = weights["head.weight"]
+        return {**weights, "head.weight": w.new_zeros(n_way, w.shape[1]).requires_grad_(),
+                "head.bias": w.new_zeros(n_way).requires_grad_()}
+
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query loss after adaptation over a batch `[tasks, ...]` of episodes."""
         weights, lr = split_inner_lr(params, self.inner_lr)
+        weights = self.task_start(weights, batch.support_y)
         if self.vectorize and buffers:
             raise ConfigError(f"learner.vectorize=true needs a model without running statistics (vmap cannot "
                               f"update them in place); this one has {sorted(buffers)[:2]}...")
@@ -104,6 +128,7 @@ class MAML:
         """Return query outputs `[n_query_total, out]` after adapting on the support set."""
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
         weights, lr = split_inner_lr(params, self.inner_lr, detach=True)
+        weights = self.task_start(weights, episode.support_y)
         with torch.enable_grad():
             adapted = adapt(model, detached(weights), buffers, episode.support_x, episode.support_y,
                             inner_lr=lr, steps=steps, first_order=True)

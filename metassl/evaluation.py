@@ -164,7 +164,7 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
                                 dataset=dataset, root=root)
     if not is_regression(cfg):
         head = getattr(model, "head", None)
-        if head is not None and head.out_features != n_way:
+        if head is not None and head.out_features != n_way and not getattr(learner, "zero_head", False):
             raise DataError(f"n_way={n_way}: this {cfg.learner.name} model has a {head.out_features}-way "
                             f"classifier head; evaluate it with n_way={head.out_features} or train one "
                             f"with episodes.n_way={n_way}")

@@ -19,7 +19,7 @@ import yaml
 from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
-from metassl.evaluate import EvalResult, eval_shape, evaluate_model
+from metassl.evaluation import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
@@ -483,7 +483,7 @@ def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> d
     With `eval.compare_untrained` the network as initialised (`model`'s own weights: the
     module is never trained) is evaluated first on the same episodes, under "untrained".
     """
-    from metassl.evaluate import format_results
+    from metassl.evaluation import format_results
 
     state = checkpoint.load(checkpoint.best_path(run_dir))
     n_way, k_shot, n_query = eval_shape(cfg)
