@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from metassl import config
 from metassl.raytrain import run_ray
-from metassl.train import run_local
+from metassl.trainer import run_local
 
 HERE = Path(__file__).resolve().parent
 
