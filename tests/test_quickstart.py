@@ -59,7 +59,7 @@ def test_quickstart_runs_actors_and_the_combined_objective_and_prints_both_netwo
     report = files["report.md"].read_text()
     assert f"{table.group(2)}" in report and "untrained" in report
     before = files["curves.png"].stat().st_mtime_ns
-    assert main(["report", str(run), str(run)]) == 0
+    assert main(["report", str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
     assert files["curves.png"].stat().st_mtime_ns > before
-    with Image.open(run.parent / "compare.png") as image:
+    with Image.open(tmp_path / "both.png") as image:
         image.verify()

@@ -150,6 +150,10 @@ COMMANDS = {
         ("run", ["--out", "{tmp}/episodes", "--episodes", "4", "--episodes-per-shard", "2",
                  "--set", "data.root=null", "--set", "generator.actors=0"]),
     "metassl eval runs/omniglot_protonet --n-way 20 --k-shot 5 --json": ("run", ["--episodes", "2"]),
+    # two runs and --out, on make run's experiment at a tiny size
+    "metassl report runs/omniglot_umtra_protonet runs/omniglot_cactus_protonet --out runs/umtra_vs_cactus.png":
+        ("covered", "tests/test_quickstart.py::test_quickstart_runs_actors_and_the_combined_objective_"
+                    "and_prints_both_networks"),
 }
 
 
