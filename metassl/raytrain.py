@@ -146,39 +146,34 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet_log:
     """
     if ray.is_initialized():
         return
-    quiet = {}
+    quiet, handler = {}, None
     if quiet_log is not None:
-        _log_ray_to_file(quiet_log)
+        quiet_log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(quiet_log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         quiet = {"log_to_driver": False, "configure_logging": False}
+        # ray.init(configure_logging=False) empties the "ray" logger's handlers, so during
+        # the call its records reach the file through the root logger
+        logging.getLogger().addHandler(handler)
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": _FAST_REPORTS}, **quiet)
-        return
-    os.environ.update({k: os.environ.get(k, v) for k, v in _FAST_REPORTS.items()})
-    # The dashboard (on this machine's loopback only) serves Ray's state API, which Ray
-    # Train's placement-group cleaner polls: without it a stopped run's CPUs are never
-    # given back (and the cleaner logs a warning every second).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
-
-
-def _log_ray_to_file(path: Path) -> None:
-    """Send this process's log records (Ray's, and Python warnings) to `path` instead of the console.
-
-    The handler sits on the root logger: `ray.init(configure_logging=False)` clears the
-    "ray" logger's own handlers, and its records then propagate to the root.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        if type(old) is logging.StreamHandler:  # a console handler someone configured
-            root.removeHandler(old)
-    root.addHandler(handler)
-    ray_logger = logging.getLogger("ray")
-    ray_logger.setLevel(logging.INFO)
-    ray_logger.propagate = True
-    logging.captureWarnings(True)
+    try:
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": _FAST_REPORTS}, **quiet)
+            return
+        os.environ.update({k: os.environ.get(k, v) for k, v in _FAST_REPORTS.items()})
+        # The dashboard (on this machine's loopback only) serves Ray's state API, which Ray
+        # Train's placement-group cleaner polls: without it a stopped run's CPUs are never
+        # given back (and the cleaner logs a warning every second).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            for name in ("ray", "py.warnings"):  # from now on: Ray's records and Python warnings
+                logger = logging.getLogger(name)
+                logger.addHandler(handler)
+                logger.propagate = False
+            logging.getLogger("ray").setLevel(logging.INFO)
+            logging.captureWarnings(True)
 
 
 def ray_logs_dir() -> str:

@@ -192,6 +192,9 @@ def conclude(rows: list[dict], base: Config, sweep: str, out: Path, mode: str, l
     publish("best.yaml")
     plot_search(rows, base, out / "search.png")
     publish("search.png")
+    plot_trial_curves(rows, out / "curves.png", log)
+    if (out / "curves.png").is_file():
+        publish("curves.png")
     log(f"best trial {best['trial_id']}: meta-val {best['val']:.4f} at step {best['best_step']}; "
         f"config {join(sweep, 'best.yaml')}")
     summary = {"best_trial": best["trial_id"], "val": best["val"], "values": best["values"],
@@ -251,6 +254,20 @@ def format_table(rows: list[dict], base: Config) -> str:
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot_trial_curves(rows: list[dict], path: Path, log=print) -> None:
+    """Every trial's meta-val curve (95% CI band) on one plot: where ASHA stopped each one."""
+    from metassl.report import compare
+
+    runs = [r["run_dir"] for r in rows if r["val"] is not None and not is_uri(r["run_dir"])
+            and Path(r["run_dir"], "tensorboard").is_dir()]
+    if not runs:  # trials kept in object storage: `metassl report` draws them on demand
+        return
+    try:
+        compare(runs, path)
+    except MetasslError as e:
+        log(f"no trial curves ({e})")
 
 
 def plot_search(rows: list[dict], base: Config, path: Path) -> None:

@@ -53,6 +53,9 @@ def test_sweep_stops_a_poor_trial_writes_its_outputs_and_reads_meta_test_only_at
     assert steps[best] == 8
     assert any(r["status"] == "stopped early" and int(r["steps"]) < steps[best] for r in rows), rows
     assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image  # every trial's meta-val curve on one plot
+    with Image.open(out / "curves.png") as image:
+        image.verify()
     tuned = config.load(out / "best.yaml")
     assert tuned.optim.outer_lr == 0.05 and tuned.tune.space == {} and tuned.name == "digits_protonet_tuned"
     assert json.loads((out / "test_result.json").read_text())["test"]["protocol"]["split"] == "test"
