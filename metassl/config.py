@@ -191,6 +191,9 @@ class TuneConfig:
     grace_steps: int = 0  # ASHA: steps before a trial may be stopped (0: train.val_every)
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     max_failures: int = 1  # retries of a trial that raised
+    # wall-time budget of the whole sweep (Tune's time_budget_s): trials still running then
+    # are stopped and the best so far wins; 0: no budget (trials end by train.steps/max_minutes)
+    max_minutes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
                 "generator.refresh_every", "generator.warmup_steps", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
-                "tune.max_failures"]
+                "tune.max_failures", "tune.max_minutes"]
 
 
 def _get(cfg: Config, key: str):

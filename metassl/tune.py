@@ -159,6 +159,7 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
         tuner = tune.Tuner(
             trainable, param_space=space, run_config=run_config,
             tune_config=tune.TuneConfig(metric="val", mode=mode, num_samples=base.tune.samples,
+                                        time_budget_s=60 * base.tune.max_minutes or None,
                                         scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=concurrent))
     grid = tuner.fit()

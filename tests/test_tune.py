@@ -118,3 +118,25 @@ def test_bad_search_spaces_are_refused_before_any_trial(tmp_path):
     with pytest.raises(ConfigError, match="optuna"):
         run_tune(_sweep_cfg("tune.search=optuna"), tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_sweep_time_budget_reaches_tune(tmp_path, monkeypatch):
+    from ray import tune
+
+    from metassl.tune import run_tune
+
+    class Recorded(Exception):
+        pass
+
+    def recording(**kwargs):
+        raise Recorded(kwargs.get("time_budget_s"))
+
+    monkeypatch.setattr(tune, "TuneConfig", recording)
+    with pytest.raises(Recorded) as info:
+        run_tune(_sweep_cfg("tune.max_minutes=1.5"), tmp_path / "sweep")
+    assert info.value.args[0] == 90.0
+    with pytest.raises(Recorded) as info:
+        run_tune(_sweep_cfg(), tmp_path / "sweep2")
+    assert info.value.args[0] is None
+    with pytest.raises(config.ConfigError, match="tune.max_minutes=-1"):
+        _sweep_cfg("tune.max_minutes=-1")
