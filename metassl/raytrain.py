@@ -106,12 +106,10 @@ class ConsoleRelay:
         self._thread.start()
 
     def _pump(self) -> None:
-        from ray.util.queue import Empty
-
         while not self._stop.is_set() or not self.queue.empty():
             try:
                 line = self.queue.get(timeout=0.25)
-            except (Empty, queue.Empty):
+            except queue.Empty:  # ray.util.queue.Empty is one
                 continue
             except Exception:  # the queue's actor is gone: nothing more will come
                 return
@@ -261,25 +259,25 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     check_storage_reaches_nodes(store.location)  # before any worker starts
     use_gpu = _use_gpu(cfg.train.device, workers, ray.cluster_resources().get("GPU", 0))
     relay = ConsoleRelay(log) if quiet else None  # closed in the `finally` below
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
-                           "generator_actors": actors, "actor_cpus": actor_cpus,
-                           "use_gpu": use_gpu, "final_eval": final_eval,
-                           "console": relay.queue if relay is not None else None,
-                           "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")}},
-        # With use_gpu each worker also gets one GPU and the process group uses NCCL.
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus},
-                                     placement_strategy=placement),
-        run_config=RunConfig(
-            # Ray's own run folder is the run directory: storage_path/name (local or a URI)
-            name=store.name, storage_path=store.parent,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=callbacks,
-        ),
-    )
     try:
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
+                               "generator_actors": actors, "actor_cpus": actor_cpus,
+                               "use_gpu": use_gpu, "final_eval": final_eval,
+                               "console": relay.queue if relay is not None else None,
+                               "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")}},
+            # With use_gpu each worker also gets one GPU and the process group uses NCCL.
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus},
+                                         placement_strategy=placement),
+            run_config=RunConfig(
+                # Ray's own run folder is the run directory: storage_path/name (local or a URI)
+                name=store.name, storage_path=store.parent,
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                callbacks=callbacks,
+            ),
+        )
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise MetasslError(f"training on Ray failed after {cfg.train.max_failures} retries: "

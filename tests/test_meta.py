@@ -302,12 +302,9 @@ def test_zero_head_one_step_sets_class_weights_from_support_features_and_leaves_
 
 
 def _embedding(model, params, x):
-    head_free = {k: v for k, v in params.items() if not k.startswith("head.")}
-    saved, model.head = model.head, None  # run the body only (the module is restored below)
-    try:
-        return forward(model, head_free, {}, x).detach()
-    finally:
-        model.head = saved
+    """The body's features: the same seeded Conv-4 built without a head, run on the head-free params."""
+    body = _conv_model(out_features=None)
+    return forward(body, {k: v for k, v in params.items() if not k.startswith("head.")}, {}, x).detach()
 
 
 def test_zero_head_predictions_follow_the_labels_and_serve_any_n_way():
