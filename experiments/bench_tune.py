@@ -3,7 +3,7 @@
     python experiments/bench_tune.py [--config experiments/tune_omniglot.yaml] [--minutes 20]
 
 1. `metassl tune CONFIG` (ASHA on meta-val; the sweep never reads meta-test), capped by
-   `--sweep-minutes` through the trials' `train.max_minutes`; it writes best.yaml,
+   the config's `train.max_minutes` (per trial) and `tune.max_minutes` (whole sweep); it writes best.yaml,
    trials.csv and search.png (the sweep's plots).
 2. `metassl train best.yaml` (tuned) and `metassl train CONFIG` (its own values: the
    untuned default) at the same time, one core each, for the same `--minutes`
@@ -76,6 +76,8 @@ def main() -> None:
     sets = ([f"data.root={args.data_root}"] if args.data_root else []) + args.set
     flags = [x for s in sets for x in ("--set", s)]
     out = Path(args.out)
+    if out.exists() and any(out.iterdir()):  # `metassl tune` would resume the sweep there, not time a new one
+        sys.exit(f"{out} is not empty: remove it or pass another --out")
     t0 = time.perf_counter()
     run(METASSL + ["tune", args.config, "--out", str(out / "sweep"), *flags])
     sweep_minutes = (time.perf_counter() - t0) / 60
