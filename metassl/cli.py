@@ -1,4 +1,4 @@
-"""`metassl` command line: train | generate | eval | tune | report."""
+"""`metassl` command line: train | fit-generative | generate | eval | tune | report."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,26 @@ def _train(args) -> int:
     print(f"run directory: {run_dir}  (tensorboard --logdir {join(run_dir, 'tensorboard')})")
     if args.json:
         print(json.dumps(result["test"]))
+    return 0
+
+
+def _fit_generative(args) -> int:
+    from metassl import config
+    from metassl.storage import join
+
+    cfg = config.load(args.config, args.set)
+    run_dir = args.run_dir or join(cfg.storage or "runs", f"{cfg.name}_{cfg.generator.generative.model}")
+    if args.backend == "local":
+        from metassl.generative.fit import run_fit_local
+        result = run_fit_local(cfg, run_dir, log=_log)
+    else:
+        from metassl.raytrain import run_ray_fit
+        result = run_ray_fit(cfg, run_dir, workers=args.workers, address=args.address, log=_log,
+                             quiet=not args.verbose)
+    print(f"run directory: {run_dir}  (use it with --set generator.generative.checkpoint={run_dir}; "
+          f"tensorboard --logdir {join(run_dir, 'tensorboard')})")
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("model", "steps", "final", "train_minutes", "checkpoint")}))
     return 0
 
 
@@ -85,7 +105,7 @@ def _generate(args) -> int:
     cfg = config.load(args.config, args.set)
     if cfg.generator.kind == "labelled":
         raise config.ConfigError("generator.kind='labelled' samples true classes; set generator.kind "
-                                 "to 'augment' or 'cluster' to generate episodes")
+                                 "to 'augment', 'cluster', 'generative' or 'mix' to generate episodes")
     images = load_unlabelled(cfg)
     actors = cfg.generator.actors if cfg.generator.actors >= 0 else os.cpu_count() or 1  # auto: one per CPU
     if actors > 0:
@@ -151,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--verbose", action="store_true",
                    help="show Ray's own messages and the workers' output (default: in ray.log and Ray's log folder)")
     t.set_defaults(func=_train)
+
+    f = sub.add_parser("fit-generative", help="fit the VAE or GAN of generator.generative to the meta-train "
+                                              "images (no labels); its run directory is a checkpoint to reuse")
+    f.add_argument("config", nargs="?", help="YAML config (generator.generative, data); omitted: the defaults")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    f.add_argument("--run-dir", help="run directory (default runs/<name>_<model>); an existing fit there resumes")
+    f.add_argument("--backend", choices=["ray", "local"], default="ray",
+                   help="ray: Ray Train workers (default); local: in this process, no Ray")
+    f.add_argument("--workers", type=_positive, default=2, help="Ray Train workers (default 2)")
+    f.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    f.add_argument("--json", action="store_true", help="also print a summary as JSON")
+    f.add_argument("--verbose", action="store_true", help="show Ray's own messages and the workers' output")
+    f.set_defaults(func=_fit_generative)
 
     g = sub.add_parser("generate", help="write pseudo-labelled episodes as Parquet shards (local path or URI)")
     g.add_argument("config", help="YAML config with a generator section (kind: augment | cluster)")

@@ -133,10 +133,37 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class GenerativeConfig:
+    """`generator.kind: generative`: a VAE or GAN learns the unlabelled images; tasks are decoded latent codes."""
+
+    # a fitted generative model: `metassl fit-generative` run directory or .pt (path or URI); None:
+    # `metassl train` fits one first into RUN/generative (resumed there on a re-run)
+    checkpoint: str | None = None
+    model: str = "vae"  # vae | gan (DCGAN-style, spectral norm, hinge loss)
+    decoder: str = "bernoulli"  # vae: bernoulli | gaussian (one learned scale)
+    latent_dim: int = 32
+    hidden: int = 32  # channels of the first conv layer (the second has twice as many)
+    beta: float = 1.0  # vae: weight of the KL term
+    steps: int = 3000  # optimiser steps of the fit
+    batch_size: int = 64  # images per step (split across workers)
+    lr: float = 0.001  # Adam learning rate (the GAN uses betas 0.5, 0.999 for both nets)
+    sample_every: int = 500  # a grid of samples in TensorBoard every this many steps
+    max_minutes: float = 0.0  # stop the fit after this wall time (0: no limit)
+    # LASIUM task sampling: n (anchor + noise) | ro (toward a random vector) | oc (toward another class's anchor)
+    strategy: str = "n"
+    threshold: float = 6.0  # anchors are redrawn until pairwise distances are at least this
+    noise: float = 0.5  # std of the Gaussian noise added to every instance code
+    interpolate: float = 0.2  # ro/oc: fraction of the way toward the random vector / other anchor
+    views: bool = False  # show random views (generator.augment) of the decoded images
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     """Where training episodes come from when labels are not used."""
 
-    kind: str = "labelled"  # labelled (sampler over true classes) | augment (UMTRA) | cluster (CACTUs)
+    # labelled (sampler over true classes) | augment (UMTRA) | cluster (CACTUs) | generative (LASIUM)
+    # | mix (several of them by episode id, generator.mix)
+    kind: str = "labelled"
     # Ray generator actors per training process; 0: generate in the training process;
     # -1 (auto): `train --backend ray` gives each worker an equal share of the CPUs left
     # after the training workers (at least 1), `generate` uses one actor per CPU, and
@@ -155,7 +182,12 @@ class GeneratorConfig:
     cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
     shards: str | None = None  # train on episodes written by `metassl generate` (path or URI) instead
+    # kind mix: generator kinds and their weights, e.g. {cluster: 0.75, generative: 0.25}; episode i
+    # comes from the kind its id picks (a fixed low-discrepancy sequence, so the proportions hold
+    # over every run of consecutive ids), made by that kind's own settings
+    mix: dict = field(default_factory=dict)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    generative: GenerativeConfig = field(default_factory=GenerativeConfig)
 
 
 @dataclass(frozen=True)
@@ -228,7 +260,10 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "data.protocol": ("supervised", "unsupervised"),
     "eval.split": ("train", "val", "test"),
-    "generator.kind": ("labelled", "augment", "cluster"),
+    "generator.kind": ("labelled", "augment", "cluster", "generative", "mix"),
+    "generator.generative.model": ("vae", "gan"),
+    "generator.generative.decoder": ("bernoulli", "gaussian"),
+    "generator.generative.strategy": ("n", "ro", "oc"),
     "generator.encoder": ("pca", "model"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -240,13 +275,16 @@ POSITIVE = [
     "train.keep_checkpoints", "train.max_skipped_steps", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
     "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
     "generator.embedding_dim", "objective.temperature", "objective.proj_dim",
+    "generator.generative.latent_dim", "generator.generative.hidden", "generator.generative.steps",
+    "generator.generative.lr", "generator.generative.sample_every",
     "tune.samples", "tune.workers", "tune.reduction_factor",
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
                 "generator.refresh_every", "generator.warmup_steps", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
-                "tune.max_failures", "tune.max_minutes"]
+                "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
+                "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise"]
 
 
 def _get(cfg: Config, key: str):
@@ -299,7 +337,9 @@ AT_MOST = {
     "tune.workers": 10_000, "tune.concurrent": 100_000, "learner.inner_steps": 10_000,
     "learner.eval_inner_steps": 10_000, "train.max_failures": 1_000, "train.keep_checkpoints": 100_000,
     "data.image_size": 4096, "model.hidden": 65_536, "objective.proj_dim": 65_536,
-    "generator.embedding_dim": 65_536,
+    "generator.embedding_dim": 65_536, "generator.generative.latent_dim": 65_536,
+    "generator.generative.hidden": 4096, "generator.generative.batch_size": 1_000_000,
+    "generator.generative.steps": 10**9,
 }
 MAX_SEED = 2**31 - 1
 MAX_BATCH_BYTES = 64 * 2**30  # first-layer activations of one meta-batch (float32)
@@ -361,9 +401,10 @@ def _validate(cfg: Config) -> None:
     if cfg.generator.actors < -1:
         raise ConfigError(f"generator.actors={cfg.generator.actors} must be >= 0, or -1 for auto")
     g = cfg.generator
-    if g.warmup_steps and not (g.kind == "cluster" and g.encoder == "model"):
-        raise ConfigError(f"generator.warmup_steps={g.warmup_steps} needs generator.kind='cluster' with "
-                          "encoder='model' (it delays clustering the model's embedding)")
+    _validate_generative(cfg)
+    if g.warmup_steps and not ("cluster" in generator_kinds(cfg) and g.encoder == "model"):
+        raise ConfigError(f"generator.warmup_steps={g.warmup_steps} needs generator.kind='cluster' (or a mix "
+                          "with cluster) with encoder='model' (it delays clustering the model's embedding)")
     if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
                           f"got {cfg.learner.name!r}")
@@ -403,9 +444,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"generator.kind={cfg.generator.kind!r} makes image episodes; sinusoid needs 'labelled'")
     if cfg.objective.ssl_weight > 0 and not cfg.generator.ssl_views:
         raise ConfigError(f"objective.ssl_weight={cfg.objective.ssl_weight} needs SSL views: set "
-                          "generator.ssl_views=true (with generator.kind augment or cluster)")
+                          "generator.ssl_views=true (with a generator.kind other than labelled)")
     if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
-        raise ConfigError("generator.ssl_views=true needs generator.kind 'augment' or 'cluster'")
+        raise ConfigError("generator.ssl_views=true needs generator.kind 'augment', 'cluster', 'generative' or 'mix'")
     _check_sizes(cfg)
     if cfg.model.norm == "group" and cfg.model.hidden % 8:
         raise ConfigError(f"model.norm='group' uses 8 groups, so model.hidden={cfg.model.hidden} must be a multiple of 8")
@@ -422,6 +463,37 @@ def _validate(cfg: Config) -> None:
     if regression and cfg.learner.name not in ("maml", "fomaml", "reptile"):
         raise ConfigError(f"learner.name={cfg.learner.name!r} classifies; sinusoid regression needs "
                           "maml, fomaml or reptile")
+
+
+MIXABLE = ("augment", "cluster", "generative")
+
+
+def generator_kinds(cfg: Config) -> tuple[str, ...]:
+    """The generator kinds a config's episodes come from: `generator.kind`, or the kinds of its mix."""
+    g = cfg.generator
+    return tuple(g.mix) if g.kind == "mix" else (g.kind,)
+
+
+def _validate_generative(cfg: Config) -> None:
+    g, gen = cfg.generator, cfg.generator.generative
+    if g.kind == "mix":
+        if not g.mix:
+            raise ConfigError("generator.kind='mix' needs generator.mix, e.g. {cluster: 0.75, generative: 0.25}")
+        for kind, weight in g.mix.items():
+            if kind not in MIXABLE:
+                raise ConfigError(f"generator.mix names {_short(kind)}; the kinds that mix are {list(MIXABLE)}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+                raise ConfigError(f"generator.mix.{kind}={_short(weight)} must be a weight > 0")
+    elif g.mix:
+        raise ConfigError(f"generator.mix is set but generator.kind={g.kind!r}; set generator.kind='mix' to use it")
+    if gen.batch_size < 2:
+        raise ConfigError(f"generator.generative.batch_size={gen.batch_size} must be >= 2")
+    if not 0 <= gen.interpolate < 1:
+        raise ConfigError(f"generator.generative.interpolate={gen.interpolate} must be in [0, 1)")
+    if "generative" in generator_kinds(cfg) and cfg.data.image_size % 4:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: the generative models need a multiple of 4")
+    if gen.checkpoint is not None:
+        _check_text(gen.checkpoint, "generator.generative.checkpoint")
 
 
 def actors_per_worker(requested: int, workers: int, cpus: float) -> int:

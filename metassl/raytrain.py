@@ -87,7 +87,11 @@ def _worker(loop_config: dict) -> None:
         if relay is not None:
             relay.put_nowait(line)
 
-    train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"], log=log)
+    if loop_config.get("loop") == "fit":
+        from metassl.generative.fit import fit_loop
+        fit_loop(cfg, loop_config["run_dir"], ctx, log=log)
+    else:
+        train_loop(cfg, loop_config["run_dir"], ctx, final_eval=loop_config["final_eval"], log=log)
 
 
 class ConsoleRelay:
@@ -136,15 +140,20 @@ def _console(line: str) -> None:
     sys.stdout.flush()
 
 
+_QUIET_SESSION = False  # this process started or joined Ray quietly (init_ray with quiet_log)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet_log: Path | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), else start a local Ray instance with `num_cpus` logical CPUs.
 
     With `quiet_log` (a file) Ray's messages in this process go to that file instead of
     the console, and workers' and actors' output stays in Ray's log folder (`ray_logs_dir`).
     """
+    global _QUIET_SESSION
     if ray.is_initialized():
         return
     quiet, handler = {}, None
+    _QUIET_SESSION = quiet_log is not None
     if quiet_log is not None:
         quiet_log.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(quiet_log)
@@ -229,10 +238,54 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     if cfg.episodes.meta_batch % workers:
         raise ConfigError(f"episodes.meta_batch={cfg.episodes.meta_batch} must be a multiple of "
                           f"--workers={workers} (each worker takes an equal share)")
+    from metassl.generative.fit import fit_stage
+
+    # generative episodes without a fitted model: fit one first, on the same workers (RUN/generative)
+    cfg = fit_stage(cfg, str(run_dir), lambda c, location: run_ray_fit(
+        c, location, workers=workers, address=address, log=log, placement=placement, quiet=quiet))
     store = RunStore(run_dir)  # a local folder, or a URI mirrored locally
     store.pull()
     check_resumable(cfg, store.local)
     check_data(cfg)  # a bad dataset fails here, not three times inside the workers
+    generates = cfg.generator.kind != "labelled" and not cfg.generator.shards
+    _run_workers(cfg, store, {"final_eval": final_eval}, workers=workers, address=address, log=log,
+                 callbacks=callbacks, worker_cpus=worker_cpus, placement=placement, quiet=quiet,
+                 generates=generates)
+    return raise_if_stopped(_result(store))
+
+
+def run_ray_fit(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None, log=print,
+                placement: str = "PACK", quiet: bool = False) -> dict:
+    """Fit `generator.generative` on the meta-train images with `workers` Ray Train workers
+    (`metassl.generative.fit.fit_loop`); return its `result.json`'s dict. Options as `run_ray`."""
+    from metassl.registry import load_unlabelled
+
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    if cfg.generator.generative.batch_size % workers:
+        raise ConfigError(f"generator.generative.batch_size={cfg.generator.generative.batch_size} must be a "
+                          f"multiple of --workers={workers} (each worker takes an equal share)")
+    store = RunStore(run_dir)
+    store.pull()
+    load_unlabelled(cfg)  # a bad dataset fails here, not in the workers
+    _run_workers(cfg, store, {"loop": "fit"}, workers=workers, address=address, log=log, callbacks=None,
+                 worker_cpus=1.0, placement=placement, quiet=quiet, generates=False)
+    return _result(store)
+
+
+def _result(store: RunStore) -> dict:
+    store.pull()
+    result_file = store.local / "result.json"
+    if not result_file.is_file():
+        raise MetasslError(f"training on Ray finished without writing {result_file}")
+    return json.loads(result_file.read_text())
+
+
+def _run_workers(cfg: Config, store: RunStore, loop: dict, *, workers: int, address: str | None, log,
+                 callbacks: list | None, worker_cpus: float, placement: str, quiet: bool, generates: bool) -> None:
+    """Start (or join) Ray and run `_worker` on `workers` Ray Train workers in the run directory `store`."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
     # Each worker needs one CPU, plus one per generator actor it starts. A Ray instance
     # started here gets that many logical CPUs even beyond the cores (the actors mostly
     # wait on backpressure); on a running cluster the actors share the CPUs the workers
@@ -241,20 +294,21 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     running = bool(address) or ray.is_initialized()
     # quiet only where this process starts or joins Ray: a Ray instance someone else set up
     # keeps its own logging, and its workers' output may already reach this console
-    quiet = quiet and not ray.is_initialized()
+    # (or one it set up quietly before, e.g. for fitting a generative model first)
+    already = ray.is_initialized()
+    quiet = quiet and (not already or _QUIET_SESSION)
     quiet_log = store.local / "ray.log" if quiet else None
     if running:
         init_ray(address, quiet_log=quiet_log)
         cpus = ray.cluster_resources().get("CPU", 0)
     else:
         cpus = os.cpu_count() or 1
-    generates = cfg.generator.kind != "labelled" and not cfg.generator.shards
     actors = actors_per_worker(cfg.generator.actors, workers, cpus) if generates else 0
     actor_cpus = 1.0
     if running and actors:
         actor_cpus = min(1.0, max(0.0, cpus - workers) / (workers * actors))
     init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)), quiet_log=quiet_log)
-    if quiet:
+    if quiet and not already:
         log(f"Ray's messages: {quiet_log}; workers' output: {ray_logs_dir()} (--verbose shows them here)")
     check_storage_reaches_nodes(store.location)  # before any worker starts
     use_gpu = _use_gpu(cfg.train.device, workers, ray.cluster_resources().get("GPU", 0))
@@ -264,7 +318,7 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
             _worker,
             train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
                                "generator_actors": actors, "actor_cpus": actor_cpus,
-                               "use_gpu": use_gpu, "final_eval": final_eval,
+                               "use_gpu": use_gpu, **loop,
                                "console": relay.queue if relay is not None else None,
                                "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")}},
             # With use_gpu each worker also gets one GPU and the process group uses NCCL.
@@ -285,11 +339,6 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     finally:
         if relay is not None:
             relay.close()
-    store.pull()
-    result_file = store.local / "result.json"
-    if not result_file.is_file():
-        raise MetasslError(f"training on Ray finished without writing {result_file}")
-    return raise_if_stopped(json.loads(result_file.read_text()))
 
 
 def _use_gpu(setting: str, workers: int, gpus: float) -> bool:

@@ -89,20 +89,33 @@ def _training_folder(cfg: Config) -> str | None:
     return (path or cfg.data.root) if name == "imagefolder" else None
 
 
-def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int] | None = None):
+def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int] | None = None,
+                    generative: dict | None = None):
     """Return the episode generator named by `cfg.generator.kind` over unlabelled `images`.
 
     `encoder` = (weights, version) makes a cluster generator embed with the model's
-    features (`generator.encoder: model`) from the start.
+    features (`generator.encoder: model`) from the start. `generative` is the fitted
+    generative checkpoint (`load_generative`); None loads `generator.generative.checkpoint`.
     """
     from metassl.generate.augment import AugmentEpisodes
     from metassl.generate.cluster import ClusterEpisodes, WarmStartEpisodes
+    from metassl.generate.generative import GenerativeEpisodes, MixedEpisodes
 
     g, ep = cfg.generator, cfg.episodes
     seed = cfg.seed
+    if g.kind == "mix":
+        return MixedEpisodes({kind: build_generator(_with_kind(cfg, kind), images, encoder, generative)
+                              for kind in g.mix}, g.mix)
     if g.kind == "augment":
         return AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment, seed=seed,
                                ssl_views=g.ssl_views)
+    if g.kind == "generative":
+        gen = g.generative
+        state = generative if generative is not None else load_generative_for(cfg)
+        return GenerativeEpisodes(state["params"], ep.n_way, ep.k_shot, ep.n_query, strategy=gen.strategy,
+                                  threshold=gen.threshold, noise=gen.noise, interpolate=gen.interpolate, seed=seed,
+                                  augment=g.augment if gen.views else None, ssl_views=g.ssl_views,
+                                  ssl_augment=g.augment)
     if g.kind == "cluster":
         def make_cluster(embed, version):
             return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
@@ -118,7 +131,25 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
                 warm.set_encoder(embed, version)
             return warm
         return make_cluster(embed, version)
-    raise ConfigError(f"generator.kind={g.kind!r} has no generator; valid: ['augment', 'cluster']")
+    raise ConfigError(f"generator.kind={g.kind!r} has no generator; valid: {list(CHOICES['generator.kind'][1:])}")
+
+
+def _with_kind(cfg: Config, kind: str) -> Config:
+    import dataclasses
+    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, kind=kind, mix={}))
+
+
+def load_generative_for(cfg: Config) -> dict:
+    """The fitted generative model `generator.generative.checkpoint` names, checked against the run's data."""
+    from metassl.generative.fit import check_fits, load_generative
+
+    location = cfg.generator.generative.checkpoint
+    if location is None:
+        raise ConfigError("generator.kind uses a generative model but generator.generative.checkpoint is not "
+                          "set: fit one with `metassl fit-generative CONFIG`, or let `metassl train` fit it")
+    state = load_generative(location)
+    check_fits(state, cfg)
+    return state
 
 
 def model_embedder(cfg: Config, state: dict):

@@ -74,7 +74,10 @@ def check_data(cfg: Config) -> None:
     elif g.kind == "labelled":
         build_sampler(cfg, "train", n_way=ep.n_way, k_shot=ep.k_shot, n_query=ep.n_query, seed=cfg.seed)
     else:
-        from metassl.registry import load_unlabelled
+        from metassl.generative.fit import needs_generative
+        from metassl.registry import load_generative_for, load_unlabelled
+        if needs_generative(cfg):
+            load_generative_for(cfg)  # a missing, foreign or ill-fitting generative model fails here
         images = load_unlabelled(cfg)
         if len(images) < ep.n_way:
             raise DataError(f"episodes.n_way={ep.n_way} but the unlabelled pool has only {len(images)} images")
@@ -203,6 +206,10 @@ class Progress:
 
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
+    from metassl.generative.fit import fit_stage, run_fit_local
+
+    # generative episodes without a fitted model: fit one first, in this process (RUN/generative)
+    cfg = fit_stage(cfg, str(run_dir), lambda c, location: run_fit_local(c, location, log))
     ctx = LocalContext(max(cfg.generator.actors, 0), local_device(cfg.train.device))
     return raise_if_stopped(train_loop(cfg, run_dir, ctx, log))
 

@@ -38,6 +38,8 @@ from metassl.errors import DataError
 from metassl.generate.record import EpisodeRecord
 from metassl.generate.schema import from_record_batch, to_record_batch
 from metassl.generate.source import VersionedGenerator, cpu_weights
+from metassl.generative.fit import needs_generative
+from metassl.registry import load_generative_for
 
 
 MAX_RESUBMITS = 5  # times one chunk is asked for again after its actor died
@@ -48,9 +50,10 @@ RESTART_WAIT_S = 0.5  # pause before asking an actor that Ray is restarting agai
 class GeneratorActor:
     """Holds one episode generator; makes chunks of episodes with the encoder version each call names."""
 
-    def __init__(self, config: dict, images: torch.Tensor):
+    def __init__(self, config: dict, images: torch.Tensor, generative: dict | None = None):
         torch.set_num_threads(1)  # one core per actor: parallelism comes from the actors
-        self.generator = VersionedGenerator(from_dict(config), images)  # built by the first call
+        # built by the first call; a generative model's weights come through the object store
+        self.generator = VersionedGenerator(from_dict(config), images, generative)
         self.made = 0
 
     def make(self, episode_ids: list[int], version: int, weights: list | None) -> pa.RecordBatch:
@@ -79,13 +82,14 @@ class EpisodePool:
     takes its share of every meta-batch maps its positions to its episode ids), made
     with encoder version `version_of(p)` (non-decreasing in `p`; None: the version of
     `encoder` = (weights, version) throughout, 0 without one). `encoder` and
-    `publish_encoder` provide the weights of each version.
+    `publish_encoder` provide the weights of each version. `generative` is the fitted
+    generative model (None: loaded from the config when its episodes need one).
     """
 
     def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, actor_cpus: float = 1.0, start: int = 0,
                  chunk: int | None = None, max_in_flight: int | None = None, timeout_s: float = 600.0,
                  episode_id: Callable[[int], int] | None = None, encoder: tuple[dict, int] | None = None,
-                 version_of: Callable[[int], int] | None = None):
+                 version_of: Callable[[int], int] | None = None, generative: dict | None = None):
         if actors < 1:
             raise DataError(f"generator.actors={actors}: a Ray pool needs at least one actor")
         if not ray.is_initialized():
@@ -97,13 +101,18 @@ class EpisodePool:
         # Held for the pool's lifetime: Ray re-runs an actor's constructor with these
         # arguments when it restarts the actor.
         self._images_ref = ray.put(images)
+        if generative is None and needs_generative(cfg):
+            generative = load_generative_for(cfg)
+        # one copy of the generative model's weights in the object store, shared by the actors
+        self._generative_ref = ray.put(generative) if generative is not None else None
         self._config = to_dict(cfg)
         initial = encoder[1] if encoder is not None else 0
         # published version -> [ref to its weights] (None: version 0, no encoder); versions
         # older than the one being consumed are dropped
         self._weights: dict[int, list | None] = {initial: [ray.put(cpu_weights(encoder[0]))] if initial else None}
         self.version_of = version_of or (lambda position: initial)
-        self.actors = [GeneratorActor.options(num_cpus=actor_cpus).remote(self._config, self._images_ref)
+        self.actors = [GeneratorActor.options(num_cpus=actor_cpus).remote(self._config, self._images_ref,
+                                                                          self._generative_ref)
                        for _ in range(actors)]
         self._resubmits: dict[int, int] = {}  # chunk start -> times its actor died
         self._waits: dict[int, int] = {}  # chunk start -> pauses while its actor restarted

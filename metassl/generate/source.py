@@ -22,8 +22,10 @@ from metassl.generate.record import EpisodeRecord, RecordSource
 
 def uses_model_encoder(cfg: Config) -> bool:
     """True when episodes come from clusters of the network being meta-trained (the self-improving loop)."""
+    from metassl.config import generator_kinds
+
     g = cfg.generator
-    return g.kind == "cluster" and g.encoder == "model" and not g.shards
+    return "cluster" in generator_kinds(cfg) and g.encoder == "model" and not g.shards
 
 
 def encoder_version(cfg: Config, step: int) -> int:
@@ -59,11 +61,12 @@ class VersionedGenerator:
     when the version differs from the last call's, so callers should ask in version
     order. Version 0 is the generator without a model encoder (augment episodes during
     warm-up, PCA clusters otherwise); a version >= 1 needs its weights when it is not
-    the current one (`ready(version)` says whether it is).
+    the current one (`ready(version)` says whether it is). `generative` is the fitted
+    generative model of generative (or mixed) episodes; None loads it from the config.
     """
 
-    def __init__(self, cfg: Config, images: torch.Tensor):
-        self.cfg, self.images = cfg, images
+    def __init__(self, cfg: Config, images: torch.Tensor, generative: dict | None = None):
+        self.cfg, self.images, self.generative = cfg, images, generative
         self.source: RecordSource | None = None
         self.version: int | None = None
         self.switches = 0  # builds and re-embeddings so far
@@ -83,7 +86,8 @@ class VersionedGenerator:
         # fork it, so the trainer's random stream does not depend on where episodes are made.
         with torch.random.fork_rng(devices=[]):
             if self.source is None or not version:
-                self.source = build_generator(self.cfg, self.images, (weights, version) if version else None)
+                self.source = build_generator(self.cfg, self.images, (weights, version) if version else None,
+                                              self.generative)
             else:
                 self.source.set_encoder(model_embedder(self.cfg, weights), version)
         self.version = version
@@ -118,7 +122,7 @@ class TrainBatch:
 class TrainingSource:
     """Meta-batches for step `s` = episodes `[s * meta_batch, (s + 1) * meta_batch)` of the run's stream.
 
-    `generator.kind: labelled` samples true classes; `augment`/`cluster` generate
+    `generator.kind: labelled` samples true classes; `augment`/`cluster`/`generative`/`mix` generate
     pseudo-labelled episodes from the unlabelled train images, in this process
     (`actors` 0) or on `actors` Ray actors (the driver resolves `generator.actors`; None:
     take it from the config, auto meaning in process); `generator.shards` (when
@@ -131,7 +135,8 @@ class TrainingSource:
     def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1,
                  encoder: tuple[dict, int] | None = None, actors: int | None = None,
                  actor_cpus: float = 1.0):
-        from metassl.registry import build_sampler, load_unlabelled
+        from metassl.generative.fit import needs_generative
+        from metassl.registry import build_sampler, load_generative_for, load_unlabelled
 
         self.cfg, self.pool, self.generator, self.versioned = cfg, None, None, None
         ep, g = cfg.episodes, cfg.generator
@@ -157,16 +162,17 @@ class TrainingSource:
                             f"encoder={g.encoder!r}) but the encoder given is version {given}")
         weights = cpu_weights(encoder[0]) if encoder is not None and version else None
         images = load_unlabelled(cfg)
+        generative = load_generative_for(cfg) if needs_generative(cfg) else None  # loaded once
         actors = max(g.actors, 0) if actors is None else actors
         if actors == 0:
-            self.versioned = VersionedGenerator(cfg, images)
+            self.versioned = VersionedGenerator(cfg, images, generative)
             self.versioned.at(version, weights)  # build now: a generator that cannot be built fails early
             self._weights = {version: weights}  # published versions not yet superseded
         else:
             from metassl.generate.pool import EpisodePool
             self.pool = EpisodePool(cfg, images, actors=actors, actor_cpus=actor_cpus, start=start_step * self.per,
                                     episode_id=self.episode_id, encoder=(weights, version) if version else None,
-                                    version_of=self.position_version)
+                                    version_of=self.position_version, generative=generative)
 
     def episode_id(self, position: int) -> int:
         """The episode id of this worker's `position`-th episode."""
