@@ -20,6 +20,7 @@ import torch
 
 from metassl.config import Config, ConfigError, load
 from metassl.errors import MetasslError
+from metassl.generative.fit import needs_generative, write_pictures
 
 MAX_CLASSES, MAX_QUERIES, MAX_SHOTS = 8, 3, 5  # what an episode grid shows of a (64-way) episode
 SHOWN_EPISODES = 3  # episodes 0, 1, 2 of the training stream
@@ -375,8 +376,12 @@ def _config_rows(run: Run) -> list[tuple[str, str]]:
     dataset = d.dataset + (f" ({d.protocol} protocol)" if d.dataset.startswith("omniglot") else "")
     if d.dataset != "sinusoid":
         dataset += f", {d.image_size}x{d.image_size}, {'RGB' if d.channels == 3 else 'grey'}"
-    generator = g.kind + (f", {g.clusters} clusters x {g.partitions} partitions, encoder {g.encoder}"
-                          if g.kind == "cluster" else "") + (f", shards {g.shards}" if g.shards else "")
+    kinds = g.mix if g.kind == "mix" else {g.kind: 1}
+    generator = g.kind + (f" {dict(g.mix)}" if g.kind == "mix" else "")
+    generator += (f", {g.clusters} clusters x {g.partitions} partitions, encoder {g.encoder}"
+                  if "cluster" in kinds else "")
+    generator += (f", {g.generative.model} (latent {g.generative.latent_dim}, LASIUM-{g.generative.strategy.upper()})"
+                  if "generative" in kinds else "") + (f", shards {g.shards}" if g.shards else "")
     return [("dataset", dataset),
             ("episodes", f"{e.n_way}-way {e.k_shot}-shot, {e.n_query} queries, meta-batch {e.meta_batch}"),
             ("learner", c.learner.name), ("generator", generator),
@@ -446,6 +451,15 @@ def write_report(run_dir: str | Path, *, episodes_png: bool = True) -> dict[str,
             written["episodes"] = draw_episodes(records, run.path / "episodes.png")
         except MetasslError as e:  # data not reachable from here, or not images: the report goes on
             notes.append(f"No episodes.png: {e}")
+    pictures = {}
+    if run.cfg is not None and needs_generative(run.cfg) and run.cfg.generator.generative.checkpoint:
+        try:
+            from metassl.registry import load_generative_for, load_unlabelled
+            state = load_generative_for(run.cfg)
+            pictures = write_pictures(state["params"], load_unlabelled(run.cfg), run.path, prefix="generative_")
+            written.update({f"generative_{k}": v for k, v in pictures.items()})
+        except MetasslError as e:
+            notes.append(f"No pictures of the generative model: {e}")
     lines = [f"# {run.name}", "", f"Run directory: `{run.path}`", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _config_rows(run)]
     lines += ["", *_result_lines(run), "", *_validation_lines(run), "", "## Plots", ""]
@@ -455,6 +469,14 @@ def write_report(run_dir: str | Path, *, episodes_png: bool = True) -> dict[str,
         lines += ["", f"Episodes 0-{len(records) - 1} of the training stream, the first the trainer saw ("
                       f"at most {MAX_CLASSES} classes, {MAX_SHOTS} shots and {MAX_QUERIES} queries shown):",
                   "", "![training episodes](episodes.png)"]
+    if pictures:
+        gen = run.cfg.generator.generative
+        lines += ["", f"The {gen.model.upper()} the episodes were decoded from "
+                      f"(`{gen.checkpoint}`): samples from its prior"
+                  + (", then meta-train images over their reconstructions" if "reconstructions" in pictures else "")
+                  + ":", "", "![generative samples](generative_samples.png)"]
+        if "reconstructions" in pictures:
+            lines += ["", "![generative reconstructions](generative_reconstructions.png)"]
     lines += [""] + notes + ["", "## TensorBoard", "", f"    tensorboard --logdir {run.path / 'tensorboard'}", ""]
     report = run.path / "report.md"
     report.write_text("\n".join(lines))

@@ -266,3 +266,31 @@ def test_fit_generative_on_two_ray_workers(tmp_path, capsys):
     # an odd batch cannot be shared by two workers: one line, nothing started
     assert main(argv + ["--set", "generator.generative.batch_size=15"]) == 2
     assert "batch_size=15 must be a multiple of --workers=2" in capsys.readouterr().err
+
+
+def test_train_fits_the_generative_model_once_or_uses_the_one_named(fitted, tmp_path):
+    from metassl.cli import main
+
+    small = ["--backend", "local", "--set", "model.hidden=8", "--set", "train.steps=2", "--set", "train.val_every=2",
+             "--set", "train.val_episodes=4", "--set", "train.checkpoint_every=2", "--set", "eval.episodes=4",
+             "--set", "train.threads=1", "--set", "generator.generative.steps=3", "--set", "generator.generative.hidden=8",
+             "--set", "generator.generative.latent_dim=8", "--set", "generator.generative.threshold=2",
+             "--set", "data.dataset=digits", "--set", "episodes.n_way=3", "--set", "eval.n_way=3"]
+    run = tmp_path / "run"
+    assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(run), *small]) == 0
+    fit = json.loads((run / "generative" / "result.json").read_text())
+    assert fit["steps"] == 3 and config.load(run / "config.yaml").generator.generative.checkpoint == str(
+        run / "generative")
+    assert (run / "generative_samples.png").is_file() and "generative_samples.png" in (run / "report.md").read_text()
+    stamp = (run / "generative" / "result.json").stat().st_mtime_ns
+    # a longer re-run resumes the meta-training and reuses the fit
+    assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(run), *small,
+                 "--set", "train.steps=4"]) == 0
+    assert (run / "generative" / "result.json").stat().st_mtime_ns == stamp
+    assert json.loads((run / "result.json").read_text())["resumed_at"] == [2]
+    named = tmp_path / "named"
+    assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(named), *small,
+                 "--set", f"generator.generative.checkpoint={fitted}"]) == 0
+    assert not (named / "generative").exists()
+    assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(tmp_path / "bad"), *small,
+                 "--set", f"generator.generative.checkpoint={fitted}", "--set", "data.image_size=32"]) == 2

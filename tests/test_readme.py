@@ -150,6 +150,11 @@ COMMANDS = {
         ("run", ["--out", "{tmp}/episodes", "--episodes", "4", "--episodes-per-shard", "2",
                  "--set", "data.root=null", "--set", "generator.actors=0"]),
     "metassl eval runs/omniglot_protonet --n-way 20 --k-shot 5 --json": ("run", ["--episodes", "2"]),
+    "metassl fit-generative experiments/omniglot_lasium_protonet.yaml --run-dir runs/omniglot_vae":
+        ("run", ["--backend", "local", "--set", "generator.generative.steps=2", "--set", "generator.generative.hidden=8",
+                 "--set", "train.threads=1"]),  # on Ray: tests/test_generative.py
+    "metassl train experiments/omniglot_lasium_protonet.yaml --set generator.generative.checkpoint=runs/omniglot_vae":
+        ("covered", "tests/test_generative.py::test_train_fits_the_generative_model_once_or_uses_the_one_named"),
     # two runs and --out, on make run's experiment at a tiny size
     "metassl report runs/omniglot_umtra_protonet runs/omniglot_cactus_protonet --out runs/umtra_vs_cactus.png":
         ("covered", "tests/test_quickstart.py::test_quickstart_runs_actors_and_the_combined_objective_"
@@ -238,6 +243,8 @@ def test_readme_command_runs_at_a_small_size(command, short_tmp_path, monkeypatc
         assert json.loads(out.strip().splitlines()[-1])["protocol"]["n_way"] == 20
     if args[0] == "train":
         assert json.loads((short_tmp_path / "run" / "result.json").read_text())["steps"] == 2
+    if args[0] == "fit-generative":
+        assert json.loads((short_tmp_path / "runs" / "omniglot_vae" / "result.json").read_text())["steps"] == 2
     if args[0] == "generate":
         assert json.loads((short_tmp_path / "episodes" / "manifest.json").read_text())
 

@@ -128,14 +128,16 @@ def reconstructions(params: dict, images: torch.Tensor) -> torch.Tensor:
     return decode(params, encode(params, images)[0])
 
 
-def write_pictures(params: dict, images: torch.Tensor, folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write `samples.png` (an 8x8 grid of prior samples) and, for a VAE, `reconstructions.png`
-    (rows alternate: 8 meta-train images, then their reconstructions) into `folder`."""
+def write_pictures(params: dict, images: torch.Tensor, folder: str | Path, seed: int = 0,
+                   prefix: str = "") -> dict[str, Path]:
+    """Write `{prefix}samples.png` (an 8x8 grid of prior samples) and, for a VAE,
+    `{prefix}reconstructions.png` (rows alternate: 8 meta-train images, then their
+    reconstructions) into `folder`; return the paths by kind."""
     import matplotlib.image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    out = {"samples": folder / "samples.png"}
+    out = {"samples": folder / f"{prefix}samples.png"}
     pictures = {"samples": _grid(samples(params, GRID * GRID, seed), GRID)}
     if model_of(params) == "vae":
         pick = np.random.default_rng(seed).choice(len(images), size=GRID * GRID // 2, replace=False)
@@ -143,7 +145,7 @@ def write_pictures(params: dict, images: torch.Tensor, folder: str | Path, seed:
         rows = torch.stack([x.view(GRID // 2, GRID, *x.shape[1:]),
                             reconstructions(params, x).view(GRID // 2, GRID, *x.shape[1:])], 1)
         pictures["reconstructions"] = _grid(rows.reshape(-1, *x.shape[1:]), GRID)
-        out["reconstructions"] = folder / "reconstructions.png"
+        out["reconstructions"] = folder / f"{prefix}reconstructions.png"
     for name, grid in pictures.items():
         array = grid.permute(1, 2, 0).numpy()
         array = array[..., 0] if array.shape[-1] == 1 else array
