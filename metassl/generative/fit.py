@@ -119,7 +119,7 @@ def _grid(images: torch.Tensor, side: int) -> torch.Tensor:
 def samples(params: dict, count: int, seed: int = 0) -> torch.Tensor:
     """`count` decoded prior samples `[count, C, H, W]` (fixed codes from `seed`)."""
     z = torch.randn(count, _latent({"params": params}), generator=torch.Generator().manual_seed(seed))
-    return decode(params, z)
+    return decode(params, z.to(next(iter(params.values())).device)).cpu()
 
 
 @torch.no_grad()
@@ -185,7 +185,9 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
     signature = data_signature(cfg, images)
     params, buffers = init_params(gen.model, channels=images.shape[1], image_size=images.shape[-1],
                                   latent_dim=gen.latent_dim, hidden=gen.hidden, seed=cfg.seed, decoder=gen.decoder)
-    params = {k: v.requires_grad_() for k, v in params.items()}
+    device = ctx.device  # images stay on the CPU; each batch goes to the device
+    params = {k: v.to(device).requires_grad_() for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
     groups = {"vae": [k for k in params]} if gen.model == "vae" else {
         "d": [k for k in params if k.startswith("D.")], "g": [k for k in params if k.startswith("G.")]}
     betas = GAN_BETAS if gen.model == "gan" else (0.9, 0.999)
@@ -205,7 +207,7 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
         with torch.no_grad():
             for k, v in state["params"].items():
                 params[k].copy_(v)
-        buffers.update(state["buffers"])
+        buffers.update({k: v.to(device) for k, v in state["buffers"].items()})
         for name_, opt in opts.items():
             opt.load_state_dict(state["optimizer"][name_])
         start, history = state["step"], list(state.get("history", []))
@@ -236,7 +238,7 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
         rng = np.random.default_rng([cfg.seed, FIT_STREAM, step])
         rows = rng.choice(len(images), size=gen.batch_size, replace=False)[ctx.rank * per:(ctx.rank + 1) * per]
         noise = torch.Generator().manual_seed(int(rng.integers(2**62)) + ctx.rank)
-        x = images[torch.from_numpy(rows)]
+        x = images[torch.from_numpy(rows)].to(device)
         if gen.model == "vae":
             loss, metrics = vae_loss(params, x, noise, gen.beta)
             _step(opts["vae"], [params[k] for k in groups["vae"]], loss)
@@ -282,7 +284,7 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
         return None
     if not checkpoint.best_path(run_dir).exists():
         save(step)
-    pictures = write_pictures({k: v.detach() for k, v in params.items()}, images, run_dir)
+    pictures = write_pictures({k: v.detach().cpu() for k, v in params.items()}, images, run_dir)
     result = {"name": cfg.name, "kind": KIND, "model": gen.model, "steps": step, "history": history,
               "final": history[-1][1] if history else None, "data": signature,
               "train_minutes": (time.perf_counter() - t0) / 60,

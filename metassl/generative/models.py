@@ -136,7 +136,7 @@ def vae_loss(params: Params, x: torch.Tensor, generator: torch.Generator,
              beta: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Negative ELBO per image (`recon + beta * kl`, in nats) of images `x` in [0, 1], one posterior sample each."""
     mu, logvar = encode(params, x)
-    eps = torch.randn(mu.shape, generator=generator)
+    eps = torch.randn(mu.shape, generator=generator).to(mu.device)  # drawn on the CPU: the same on any device
     z = mu + eps * torch.exp(0.5 * logvar)
     logits = decode_logits(params, z)
     if "dec.log_sigma" in params:  # Gaussian decoder with one learned scale
@@ -183,7 +183,7 @@ def gan_losses(params: Params, buffers: Params, x: torch.Tensor, generator: torc
     `d_loss` sees the generated images detached (its gradient reaches D only);
     `g_loss` reaches G only through D (take its gradient with respect to G's weights).
     """
-    z = torch.randn(len(x), latent_dim_of(params), generator=generator)
+    z = torch.randn(len(x), latent_dim_of(params), generator=generator).to(x.device)
     fake = decode(params, z)
     w = spectral_weights(params, buffers, update)
     real_scores = discriminate(params, w, x)
