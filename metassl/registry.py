@@ -135,8 +135,10 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
 
 
 def _with_kind(cfg: Config, kind: str) -> Config:
+    """The config of one member of a mix: the self-improving settings stay with the cluster member."""
     import dataclasses
-    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, kind=kind, mix={}))
+    loop = {} if kind == "cluster" else {"warmup_steps": 0, "refresh_every": 0, "encoder": "pca"}
+    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, kind=kind, mix={}, **loop))
 
 
 def load_generative_for(cfg: Config) -> dict:

@@ -294,3 +294,26 @@ def test_train_fits_the_generative_model_once_or_uses_the_one_named(fitted, tmp_
     assert not (named / "generative").exists()
     assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(tmp_path / "bad"), *small,
                  "--set", f"generator.generative.checkpoint={fitted}", "--set", "data.image_size=32"]) == 2
+
+
+def test_mix_with_the_self_improving_cluster_loop_keeps_encoder_versions(fitted):
+    from metassl.generate.source import TrainingSource, cpu_weights, encoder_version
+    from metassl.registry import build_backbone, build_learner
+
+    cfg = config.load(None, [f"{k}={v}" for k, v in {
+        "data.dataset": "digits", "generator.kind": "mix", "generator.mix": "{cluster: 0.5, generative: 0.5}",
+        "generator.encoder": "model", "generator.warmup_steps": 2, "generator.refresh_every": 2,
+        "generator.clusters": 10, "generator.partitions": 1, "generator.actors": 0, "episodes.n_way": 3,
+        "episodes.k_shot": 1, "episodes.n_query": 2, "episodes.meta_batch": 2, "model.hidden": 8,
+        "generator.generative.checkpoint": str(fitted), "generator.generative.threshold": 2.0}.items()])
+    model = build_backbone(cfg, build_learner(cfg))
+    weights = cpu_weights({**dict(model.named_parameters()), **dict(model.named_buffers())})
+    source = TrainingSource(cfg)
+    seen = []
+    for step in range(5):
+        if step and encoder_version(cfg, step) != encoder_version(cfg, step - 1):
+            source.refresh_encoder(weights, encoder_version(cfg, step))
+        batch = source.batch(step)
+        seen += [(r.generator, r.encoder_version) for r in batch.records]
+    assert {g for g, _ in seen} == {"cluster", "generative", "augment"}  # augment: the cluster part's warm-up
+    assert [v for _, v in seen] == [encoder_version(cfg, i // 2) for i in range(10)]
