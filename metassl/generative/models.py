@@ -1,16 +1,18 @@
 """A convolutional VAE and a DCGAN-style GAN as pure functions on parameter dicts.
 
-Both share one decoder shape: a linear layer from the latent code to `2h` maps of
-`S/4 x S/4`, then two stride-2 transposed convolutions up to `C x S x S` logits
-(`h` = `hidden`, `S` = image size, a multiple of 4). The VAE's encoder and the GAN's
+Both decoders map a latent code by a linear layer to `2h` maps of `S/4 x S/4`, then
+double the resolution twice up to `C x S x S` logits (`h` = `hidden`, `S` = image
+size, a multiple of 4): the VAE with stride-2 transposed convolutions, the GAN with
+resize-convolutions (nearest-neighbour doubling, then 3x3), which do not leave the
+checkerboard that transposed convolutions print into a GAN's thin strokes. The VAE's encoder and the GAN's
 discriminator mirror it: two stride-2 convolutions and a linear layer.
 
 - VAE: the encoder gives the mean and log-variance of a diagonal Gaussian posterior;
   the decoder is Bernoulli (pixels in [0, 1] as probabilities, the usual choice for
   Omniglot's strokes) or Gaussian with one learned log-scale. `vae_loss` is the
   negative ELBO per image, `recon + beta * kl`.
-- GAN: the generator is the decoder with group normalisation (batch-independent, so a
-  decoded episode does not depend on what else is in the batch) and a sigmoid output;
+- GAN: the generator has group normalisation (batch-independent, so a decoded episode
+  does not depend on what else is in the batch) and a sigmoid output;
   the discriminator's weights are spectrally normalised (one power iteration per step,
   Miyato et al. 2018) and it is trained with the hinge loss.
 
@@ -60,10 +62,14 @@ def init_params(model: str, *, channels: int, image_size: int, latent_dim: int, 
     g = torch.Generator().manual_seed(seed)
     s, h = image_size // 4, hidden
     params: Params = {}
-    dec = "dec" if model == "vae" else "G"
-    _add(params, f"{dec}.fc", _linear_init(2 * h * s * s, latent_dim, g))
-    _add(params, f"{dec}.deconv1", _conv_init(h, 2 * h, 4, g, transpose=True))
-    _add(params, f"{dec}.deconv2", _conv_init(channels, h, 4, g, transpose=True))
+    if model == "vae":
+        _add(params, "dec.fc", _linear_init(2 * h * s * s, latent_dim, g))
+        _add(params, "dec.deconv1", _conv_init(h, 2 * h, 4, g, transpose=True))
+        _add(params, "dec.deconv2", _conv_init(channels, h, 4, g, transpose=True))
+    else:  # resize-convolutions: transposed ones leave a checkerboard in a GAN's strokes
+        _add(params, "G.fc", _linear_init(2 * h * s * s, latent_dim, g))
+        _add(params, "G.up1", _conv_init(h, 2 * h, 3, g))
+        _add(params, "G.up2", _conv_init(channels, h, 3, g))
     enc = "enc" if model == "vae" else "D"
     _add(params, f"{enc}.conv1", _conv_init(h, channels, 4, g))
     _add(params, f"{enc}.conv2", _conv_init(2 * h, h, 4, g))
@@ -92,20 +98,25 @@ def latent_dim_of(params: Params) -> int:
 
 
 def decode_logits(params: Params, z: torch.Tensor) -> torch.Tensor:
-    """Logits `[B, C, S, S]` of the VAE decoder or the GAN generator for latent codes `z` `[B, latent_dim]`."""
+    """Logits `[B, C, S, S]` of the VAE decoder or the GAN generator for latent codes `z` `[B, latent_dim]`.
+
+    The VAE upsamples with stride-2 transposed convolutions; the GAN with nearest-neighbour
+    doubling then a 3x3 convolution, each after group normalisation.
+    """
     gan = model_of(params) == "gan"
     pre = "G" if gan else "dec"
     p = {k[len(pre) + 1:]: v for k, v in params.items() if k.startswith(pre + ".")}
-    wide = p["deconv1.weight"].shape[0]  # 2h
+    wide = p["up1.weight" if gan else "deconv1.weight"].shape[1 if gan else 0]  # 2h
     x = F.linear(z, p["fc.weight"], p["fc.bias"])
     s = math.isqrt(x.shape[1] // wide)
     x = x.view(len(z), wide, s, s)
-    if gan:
-        x = F.group_norm(x, _groups(wide), p["norm0.weight"], p["norm0.bias"])
-    x = F.conv_transpose2d(F.relu(x), p["deconv1.weight"], p["deconv1.bias"], stride=2, padding=1)
-    if gan:
-        x = F.group_norm(x, _groups(x.shape[1]), p["norm1.weight"], p["norm1.bias"])
-    return F.conv_transpose2d(F.relu(x), p["deconv2.weight"], p["deconv2.bias"], stride=2, padding=1)
+    if not gan:
+        x = F.conv_transpose2d(F.relu(x), p["deconv1.weight"], p["deconv1.bias"], stride=2, padding=1)
+        return F.conv_transpose2d(F.relu(x), p["deconv2.weight"], p["deconv2.bias"], stride=2, padding=1)
+    for i in (1, 2):
+        x = F.relu(F.group_norm(x, _groups(x.shape[1]), p[f"norm{i - 1}.weight"], p[f"norm{i - 1}.bias"]))
+        x = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), p[f"up{i}.weight"], p[f"up{i}.bias"], padding=1)
+    return x
 
 
 def _groups(channels: int) -> int:
