@@ -23,7 +23,7 @@ from metassl.errors import DataError
 from metassl.generate.augment import episode_seed
 from metassl.generate.record import EpisodeRecord, RecordSource, make_record
 from metassl.generative.latent import task_codes
-from metassl.generative.models import decode
+from metassl.generative.models import decode, latent_dim_of
 from metassl.ssl import views
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the Weyl sequence frac((i + 1) * GOLDEN) spreads ids evenly over [0, 1)
@@ -49,7 +49,7 @@ class GenerativeEpisodes(RecordSource):
         self.seed = check_int("seed", seed, 0)
         episode_seed(self.seed, 0)  # checks seed < 2**32
         self.strategy, self.threshold, self.noise, self.interpolate = strategy, threshold, noise, interpolate
-        self.dim = self.params["dec.fc.weight" if "dec.fc.weight" in self.params else "G.fc.weight"].shape[1]
+        self.dim = latent_dim_of(self.params)
         self.augment = None if augment is None else views.check_augment(augment)
         self.ssl_views = bool(ssl_views)
         self.ssl_augment = views.check_augment(ssl_augment or augment or AugmentConfig())

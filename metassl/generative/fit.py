@@ -28,7 +28,7 @@ import torch
 from metassl import checkpoint, distributed
 from metassl.config import Config, ConfigError, dump, from_dict, generator_kinds, to_dict
 from metassl.errors import CheckpointError, DataError
-from metassl.generative.models import decode, encode, gan_losses, init_params, model_of, vae_loss
+from metassl.generative.models import decode, encode, gan_losses, init_params, latent_dim_of, model_of, vae_loss
 from metassl.storage import RunStore, is_uri, join
 
 KIND = "generative"  # `kind` of a fitted checkpoint
@@ -81,7 +81,7 @@ def load_generative(location: str | Path) -> dict:
     try:
         model_of(state["params"])
         shape = [int(v) for v in state["data"]["shape"]]
-        decode(state["params"], torch.zeros(1, _latent(state)))
+        decode(state["params"], torch.zeros(1, latent_dim_of(state["params"])))
     except Exception as e:  # a foreign or edited parameter dict
         raise CheckpointError(f"{str(path)!r}: its parameters do not form a VAE or GAN decoder ({e})") from None
     state["data"]["shape"] = shape
@@ -89,16 +89,11 @@ def load_generative(location: str | Path) -> dict:
     return state
 
 
-def _latent(state: dict) -> int:
-    params = state["params"]
-    return params["dec.fc.weight" if "dec.fc.weight" in params else "G.fc.weight"].shape[1]
-
-
 def check_fits(state: dict, cfg: Config) -> None:
     """ConfigError when a fitted model's images are not the run's `[channels, image_size, image_size]`."""
     want = [cfg.data.channels, cfg.data.image_size, cfg.data.image_size]
     got = state["data"]["shape"]
-    decoded = list(decode(state["params"], torch.zeros(1, _latent(state))).shape[1:])
+    decoded = list(decode(state["params"], torch.zeros(1, latent_dim_of(state["params"]))).shape[1:])
     if got != want or decoded != want:
         raise ConfigError(f"generative checkpoint {state.get('path', '')!r} makes images of shape {decoded} "
                           f"(fitted on {state['data']['dataset']} {got}), but this run's data are {want} "
@@ -118,7 +113,7 @@ def _grid(images: torch.Tensor, side: int) -> torch.Tensor:
 @torch.no_grad()
 def samples(params: dict, count: int, seed: int = 0) -> torch.Tensor:
     """`count` decoded prior samples `[count, C, H, W]` (fixed codes from `seed`)."""
-    z = torch.randn(count, _latent({"params": params}), generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(count, latent_dim_of(params), generator=torch.Generator().manual_seed(seed))
     return decode(params, z.to(next(iter(params.values())).device)).cpu()
 
 
