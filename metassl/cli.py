@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_fit_generative)
 
     g = sub.add_parser("generate", help="write pseudo-labelled episodes as Parquet shards (local path or URI)")
-    g.add_argument("config", help="YAML config with a generator section (kind: augment | cluster)")
+    g.add_argument("config", help="YAML config with a generator section (kind: augment | cluster | generative | mix)")
     g.add_argument("--out", required=True, help="folder or URI (s3://bucket/prefix, gs://...) for the shards")
     g.add_argument("--episodes", type=_positive, default=1000, help="episodes to write (default 1000)")
     g.add_argument("--start", type=int, default=0, help="first episode id (default 0)")

@@ -476,6 +476,15 @@ def generator_kinds(cfg: Config) -> tuple[str, ...]:
 
 def _validate_generative(cfg: Config) -> None:
     g, gen = cfg.generator, cfg.generator.generative
+    if not isinstance(g.mix, dict):
+        raise ConfigError(f"generator.mix={_short(g.mix)} must map generator kinds to weights, "
+                          "e.g. {cluster: 0.75, generative: 0.25}")
+    for kind, weight in g.mix.items():  # YAML reads 1e-3 as a string: weights are numbers
+        if isinstance(weight, str):
+            try:
+                g.mix[kind] = float(weight)
+            except ValueError:
+                pass
     if g.kind == "mix":
         if not g.mix:
             raise ConfigError("generator.kind='mix' needs generator.mix, e.g. {cluster: 0.75, generative: 0.25}")
@@ -490,8 +499,11 @@ def _validate_generative(cfg: Config) -> None:
         raise ConfigError(f"generator.generative.batch_size={gen.batch_size} must be >= 2")
     if not 0 <= gen.interpolate < 1:
         raise ConfigError(f"generator.generative.interpolate={gen.interpolate} must be in [0, 1)")
-    if "generative" in generator_kinds(cfg) and cfg.data.image_size % 4:
+    if cfg.data.image_size % 4 and ("generative" in generator_kinds(cfg) or gen.checkpoint is not None):
         raise ConfigError(f"data.image_size={cfg.data.image_size}: the generative models need a multiple of 4")
+    if gen.model == "gan" and gen.decoder != "bernoulli":
+        raise ConfigError(f"generator.generative.decoder={gen.decoder!r} is the VAE's likelihood; the GAN "
+                          "(model: gan) has none: leave decoder at its default")
     if gen.checkpoint is not None:
         _check_text(gen.checkpoint, "generator.generative.checkpoint")
 

@@ -141,6 +141,7 @@ def _console(line: str) -> None:
 
 
 _QUIET_SESSION = False  # this process started or joined Ray quietly (init_ray with quiet_log)
+_STARTED_HERE = False  # the Ray instance of this process is a local one that init_ray started
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet_log: Path | None = None) -> None:
@@ -149,11 +150,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet_log:
     With `quiet_log` (a file) Ray's messages in this process go to that file instead of
     the console, and workers' and actors' output stays in Ray's log folder (`ray_logs_dir`).
     """
-    global _QUIET_SESSION
+    global _QUIET_SESSION, _STARTED_HERE
     if ray.is_initialized():
         return
     quiet, handler = {}, None
     _QUIET_SESSION = quiet_log is not None
+    address = address or os.environ.get("RAY_ADDRESS")
+    _STARTED_HERE = not address
     if quiet_log is not None:
         quiet_log.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(quiet_log)
@@ -162,7 +165,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet_log:
         # ray.init(configure_logging=False) empties the "ray" logger's handlers, so during
         # the call its records reach the file through the root logger
         logging.getLogger().addHandler(handler)
-    address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address, runtime_env={"env_vars": _FAST_REPORTS}, **quiet)
@@ -238,26 +240,36 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     if cfg.episodes.meta_batch % workers:
         raise ConfigError(f"episodes.meta_batch={cfg.episodes.meta_batch} must be a multiple of "
                           f"--workers={workers} (each worker takes an equal share)")
-    from metassl.generative.fit import fit_stage
+    from metassl.generative.fit import fit_stage, generative_location
 
-    # generative episodes without a fitted model: fit one first, on the same workers (RUN/generative)
-    cfg = fit_stage(cfg, str(run_dir), lambda c, location: run_ray_fit(
-        c, location, workers=workers, address=address, log=log, placement=placement, quiet=quiet))
     store = RunStore(run_dir)  # a local folder, or a URI mirrored locally
     store.pull()
-    check_resumable(cfg, store.local)
-    check_data(cfg)  # a bad dataset fails here, not three times inside the workers
+    check_resumable(generative_location(cfg, str(run_dir)), store.local)  # before any fit
     generates = cfg.generator.kind != "labelled" and not cfg.generator.shards
+    # generative episodes without a fitted model: fit one first, on the same workers (RUN/generative),
+    # in a Ray instance with the CPUs the meta-training will want
+    cfg = fit_stage(cfg, str(run_dir), lambda c, location: run_ray_fit(
+        c, location, workers=workers, address=address, log=log, placement=placement, quiet=quiet,
+        min_cpus=_wanted_cpus(cfg, workers, generates)))
+    check_data(cfg)  # a bad dataset fails here, not three times inside the workers
     _run_workers(cfg, store, {"final_eval": final_eval}, workers=workers, address=address, log=log,
                  callbacks=callbacks, worker_cpus=worker_cpus, placement=placement, quiet=quiet,
                  generates=generates)
     return raise_if_stopped(_result(store))
 
 
+def _wanted_cpus(cfg: Config, workers: int, generates: bool) -> int:
+    """Logical CPUs a local Ray instance started for this run gets: one per worker and per generator actor."""
+    cpus = os.cpu_count() or 1
+    actors = actors_per_worker(cfg.generator.actors, workers, cpus) if generates else 0
+    return max(cpus, workers * (1 + actors))
+
+
 def run_ray_fit(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None, log=print,
-                placement: str = "PACK", quiet: bool = False) -> dict:
+                placement: str = "PACK", quiet: bool = False, min_cpus: int = 0) -> dict:
     """Fit `generator.generative` on the meta-train images with `workers` Ray Train workers
-    (`metassl.generative.fit.fit_loop`); return its `result.json`'s dict. Options as `run_ray`."""
+    (`metassl.generative.fit.fit_loop`); return its `result.json`'s dict. Options as `run_ray`;
+    a local Ray instance started here gets at least `min_cpus` logical CPUs (for what runs next)."""
     from metassl.registry import load_unlabelled
 
     if workers < 1:
@@ -269,7 +281,7 @@ def run_ray_fit(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: 
     store.pull()
     load_unlabelled(cfg)  # a bad dataset fails here, not in the workers
     _run_workers(cfg, store, {"loop": "fit"}, workers=workers, address=address, log=log, callbacks=None,
-                 worker_cpus=1.0, placement=placement, quiet=quiet, generates=False)
+                 worker_cpus=1.0, placement=placement, quiet=quiet, generates=False, min_cpus=min_cpus)
     return _result(store)
 
 
@@ -282,7 +294,8 @@ def _result(store: RunStore) -> dict:
 
 
 def _run_workers(cfg: Config, store: RunStore, loop: dict, *, workers: int, address: str | None, log,
-                 callbacks: list | None, worker_cpus: float, placement: str, quiet: bool, generates: bool) -> None:
+                 callbacks: list | None, worker_cpus: float, placement: str, quiet: bool, generates: bool,
+                 min_cpus: int = 0) -> None:
     """Start (or join) Ray and run `_worker` on `workers` Ray Train workers in the run directory `store`."""
     if placement not in PLACEMENTS:
         raise ConfigError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
@@ -291,7 +304,9 @@ def _run_workers(cfg: Config, store: RunStore, loop: dict, *, workers: int, addr
     # wait on backpressure); on a running cluster the actors share the CPUs the workers
     # leave (a fraction each, possibly 0), so that they can always be placed.
     address = address or os.environ.get("RAY_ADDRESS")
-    running = bool(address) or ray.is_initialized()
+    # a Ray instance this process started itself for an earlier stage (a generative fit) is
+    # sized as if it were started now
+    running = bool(address) or (ray.is_initialized() and not _STARTED_HERE)
     # quiet only where this process starts or joins Ray: a Ray instance someone else set up
     # keeps its own logging, and its workers' output may already reach this console
     # (or one it set up quietly before, e.g. for fitting a generative model first)
@@ -307,7 +322,7 @@ def _run_workers(cfg: Config, store: RunStore, loop: dict, *, workers: int, addr
     actor_cpus = 1.0
     if running and actors:
         actor_cpus = min(1.0, max(0.0, cpus - workers) / (workers * actors))
-    init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors)), quiet_log=quiet_log)
+    init_ray(address, num_cpus=max(int(cpus), workers * (1 + actors), min_cpus), quiet_log=quiet_log)
     if quiet and not already:
         log(f"Ray's messages: {quiet_log}; workers' output: {ray_logs_dir()} (--verbose shows them here)")
     check_storage_reaches_nodes(store.location)  # before any worker starts

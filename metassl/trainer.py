@@ -21,6 +21,7 @@ from metassl.config import Config, dump, from_dict, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder
+from metassl.generative.fit import needs_generative
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
@@ -50,13 +51,22 @@ def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> No
     except ConfigError as e:
         raise ConfigError(f"run directory {str(run_dir)!r} holds a config this metassl cannot read ({e}); "
                           "use another --run-dir") from None
-    changed = [f"{s}.{k}" for s in new if s not in _RESUMABLE_CHANGES and isinstance(new[s], dict)
+    changed = [f"{s}.{k}" + _nested_diff(saved.get(s, {}).get(k), new[s][k])
+               for s in new if s not in _RESUMABLE_CHANGES and isinstance(new[s], dict)
                for k in new[s] if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in _RESUMABLE_KEYS]
     changed += [s for s in new if not isinstance(new[s], dict) and saved.get(s) != new[s]
                 and s not in _RESUMABLE_KEYS]
     if changed:
         raise ConfigError(f"run directory {str(run_dir)!r} holds a run with a different config "
                           f"({', '.join(changed)} differ); use another --run-dir to start a new run")
+
+
+def _nested_diff(old, new) -> str:
+    """For two differing sections of a section (generator.generative): `.key` of the first that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in new if old.get(k) != new[k]]
+        return f".{keys[0]}" if keys else ""
+    return ""
 
 
 def check_data(cfg: Config) -> None:
@@ -74,9 +84,8 @@ def check_data(cfg: Config) -> None:
     elif g.kind == "labelled":
         build_sampler(cfg, "train", n_way=ep.n_way, k_shot=ep.k_shot, n_query=ep.n_query, seed=cfg.seed)
     else:
-        from metassl.generative.fit import needs_generative
         from metassl.registry import load_generative_for, load_unlabelled
-        if needs_generative(cfg):
+        if needs_generative(cfg) and cfg.generator.generative.checkpoint is not None:
             load_generative_for(cfg)  # a missing, foreign or ill-fitting generative model fails here
         images = load_unlabelled(cfg)
         if len(images) < ep.n_way:
@@ -206,8 +215,12 @@ class Progress:
 
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
-    from metassl.generative.fit import fit_stage, run_fit_local
+    from metassl.generative.fit import fit_stage, generative_location, run_fit_local
 
+    if needs_generative(cfg) and cfg.generator.generative.checkpoint is None:  # a different run fails before the fit
+        store = RunStore(run_dir)
+        store.pull()
+        check_resumable(generative_location(cfg, str(run_dir)), store.local)
     # generative episodes without a fitted model: fit one first, in this process (RUN/generative)
     cfg = fit_stage(cfg, str(run_dir), lambda c, location: run_fit_local(c, location, log))
     ctx = LocalContext(max(cfg.generator.actors, 0), local_device(cfg.train.device))

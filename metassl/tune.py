@@ -104,6 +104,19 @@ def _trial(values: dict, base: dict, sweep: str, threads: int) -> None:
             log=lambda *_: None, worker_cpus=1.0 - TRIAL_CPUS)  # a trial uses whole CPUs
 
 
+def _fit_once(base: Config, sweep: str, address: str | None, log) -> Config:
+    """Generative episodes without a fitted model: fit it once into `sweep/generative` for all
+    trials, unless the search changes how it is fitted (then every trial fits its own)."""
+    from metassl.generative.fit import FIT_KEYS, fit_stage, needs_generative
+    from metassl.raytrain import run_ray_fit
+
+    fitted_keys = {f"generator.generative.{k}" for k in FIT_KEYS} | {"seed"}
+    if not needs_generative(base) or fitted_keys & set(base.tune.space):
+        return base
+    return fit_stage(base, sweep, lambda c, location: run_ray_fit(c, location, workers=base.tune.workers,
+                                                                    address=address, log=log))
+
+
 def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None, log=print) -> dict:
     """Run (or resume) the sweep of `base.tune` in `sweep_dir` (a folder or a storage URI);
     return the best trial's summary."""
@@ -120,11 +133,12 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
                           "tune.space={learner.inner_lr: {loguniform: [0.01, 1.0]}}")
     check_space(base)
     space = param_space(base)
-    check_data(base)  # train and val only: bad data fails before any trial starts
     sweep = str(sweep_dir).rstrip("/") if is_uri(sweep_dir) else str(Path(sweep_dir).resolve())
     # the first touch of a storage URI: bad credentials or an unreachable store fail here, clearly
     if {"config.yaml", "result.json"} & set(list_names(sweep)):
         raise ConfigError(f"{sweep} holds a training run, not a sweep: choose another sweep directory (--out)")
+    base = _fit_once(base, sweep, address, log)
+    check_data(base)  # train and val only: bad data fails before any trial starts
     mode = "min" if is_regression(base) else "max"
     init_ray(address)
     # trials run on any node: a local sweep folder would scatter their run directories

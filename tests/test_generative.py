@@ -114,8 +114,10 @@ def test_oc_moves_instances_toward_other_anchors_and_ro_toward_random_vectors():
         for c in codes[j]:  # anchor + 0.3 (another anchor - anchor)
             assert any(np.allclose(c, anchors[j] + 0.3 * (o - anchors[j])) for o in others)
     codes, anchors = latent.task_codes(np.random.default_rng(1), "ro", 5, 4, 16, **args)
-    assert np.allclose(np.linalg.norm(codes - anchors[:, None], axis=-1) > 0, True)
-    assert not np.allclose(codes[:, 0], codes[:, 1])
+    rng = np.random.default_rng(1)  # the same draws: the anchors, then one random vector per instance
+    assert np.array_equal(latent.far_anchors(rng, 5, 16, 6.0), anchors)
+    targets = rng.standard_normal((5, 4, 16))
+    np.testing.assert_allclose(codes, anchors[:, None] + 0.3 * (targets - anchors[:, None]))
 
 
 def test_a_threshold_that_cannot_be_met_is_refused():
@@ -127,7 +129,8 @@ def test_fitted_checkpoint_round_trips_and_records_its_data(fitted):
     state = load_generative(fitted)
     assert state["kind"] == "generative" and state["step"] == 40
     assert state["data"] == {"dataset": "digits", "protocol": "supervised", "split": "train",
-                             "images": state["data"]["images"], "shape": [1, 28, 28]}
+                             "split_fractions": [0.6, 0.2, 0.2], "split_seed": 0,
+                             "images": len(load_unlabelled(CFG)), "shape": [1, 28, 28]}
     assert state["generative"]["model"] == "vae"
     result = json.loads((fitted / "result.json").read_text())
     assert result["steps"] == 40 and (fitted / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -141,6 +144,9 @@ def test_checkpoints_that_do_not_fit_are_refused(fitted, tmp_path):
     state = load_generative(fitted)
     with pytest.raises(ConfigError, match=r"makes images of shape \[1, 28, 28\].*this run's data are \[1, 32, 32\]"):
         check_fits(state, dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, image_size=32)))
+    with pytest.raises(ConfigError, match=r"fitted on other images .*data.dataset: 'digits' there, 'omniglot' here"):
+        check_fits(state, dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, dataset="omniglot")))
+    check_fits(state, dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, split_seed=3)))  # digits: no split
     meta = tmp_path / "meta.pt"  # a meta-training checkpoint is not a generative model
     checkpoint.save(meta, {"config": config.to_dict(CFG), "params": {}, "buffers": {}, "step": 1})
     with pytest.raises(CheckpointError, match="not a fitted generative model"):
@@ -196,6 +202,9 @@ def test_mix_weights_give_the_stated_proportions_by_episode_id():
         assert window.count("generative") == pytest.approx(25, abs=3)
     three = [mix_kind({"a": 0.5, "b": 0.3, "c": 0.2}, i) for i in range(5000)]
     assert [three.count(k) / 5000 for k in "abc"] == pytest.approx([0.5, 0.3, 0.2], abs=0.005)
+    assert three == [mix_kind({"c": 0.2, "a": 0.5, "b": 0.3}, i) for i in range(5000)]  # written in any order
+    assert config.load(None, ["generator.kind=mix", "generator.mix={augment: 1e-3, cluster: 1}"]).generator.mix == {
+        "augment": 0.001, "cluster": 1}
 
 
 def test_mixed_stream_takes_each_episode_from_its_kind(fitted, images):
@@ -220,6 +229,10 @@ def test_mix_config_errors_name_the_problem():
         config.load(None, ["generator.kind=mix", "generator.mix={labelled: 1}"])
     with pytest.raises(ConfigError, match=r"generator.mix.augment=-1 must be a weight > 0"):
         config.load(None, ["generator.kind=mix", "generator.mix={augment: -1}"])
+    with pytest.raises(ConfigError, match="must map generator kinds to weights"):
+        config.load(None, ["generator.kind=mix", "generator.mix=cluster"])
+    with pytest.raises(ConfigError, match="the GAN .* has none"):
+        config.load(None, ["generator.generative.model=gan", "generator.generative.decoder=gaussian"])
     with pytest.raises(ConfigError, match="set generator.kind='mix'"):
         config.load(None, ["generator.kind=augment", "generator.mix={augment: 1}"])
     with pytest.raises(ConfigError, match="checkpoint is not set"):
@@ -268,7 +281,7 @@ def test_fit_generative_on_two_ray_workers(tmp_path, capsys):
     assert "batch_size=15 must be a multiple of --workers=2" in capsys.readouterr().err
 
 
-def test_train_fits_the_generative_model_once_or_uses_the_one_named(fitted, tmp_path):
+def test_train_fits_the_generative_model_once_or_uses_the_one_named(fitted, tmp_path, capsys):
     from metassl.cli import main
 
     small = ["--backend", "local", "--set", "model.hidden=8", "--set", "train.steps=2", "--set", "train.val_every=2",
@@ -294,6 +307,20 @@ def test_train_fits_the_generative_model_once_or_uses_the_one_named(fitted, tmp_
     assert not (named / "generative").exists()
     assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(tmp_path / "bad"), *small,
                  "--set", f"generator.generative.checkpoint={fitted}", "--set", "data.image_size=32"]) == 2
+    assert "makes images of shape [1, 28, 28]" in capsys.readouterr().err
+    # the fit in RUN/generative is reused only with the settings it was made with
+    assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(run), *small,
+                 "--set", "train.steps=4", "--set", "generator.generative.hidden=16"]) == 2
+    assert "generator.generative.hidden differ" in capsys.readouterr().err
+    import shutil  # a run whose meta-training never saved a checkpoint: the fit itself refuses
+    shutil.copytree(run / "generative", tmp_path / "solo" / "generative")
+    assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(tmp_path / "solo"), *small,
+                 "--set", "generator.generative.hidden=16"]) == 2
+    assert "holds a fit with different settings (hidden differ)" in capsys.readouterr().err
+    # anchors that cannot be placed fail before anything is fitted
+    assert main(["train", "experiments/omniglot_lasium_protonet.yaml", "--run-dir", str(tmp_path / "far"), *small,
+                 "--set", "generator.generative.threshold=100"]) == 2
+    assert "threshold=100.0 is too large" in capsys.readouterr().err and not (tmp_path / "far").exists()
 
 
 def test_mix_with_the_self_improving_cluster_loop_keeps_encoder_versions(fitted):

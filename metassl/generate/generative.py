@@ -97,13 +97,13 @@ class GenerativeEpisodes(RecordSource):
 
 def mix_kind(weights: dict[str, float], index: int) -> str:
     """The kind of episode `index` in a mix: where frac((index + 1) * GOLDEN) falls among the
-    normalised cumulative weights. Over any n consecutive ids each kind's share is within
+    normalised cumulative weights of the kinds in name order. Over any n consecutive ids each kind's share is within
     O(log n / n) of its weight."""
     index = check_int("episode index", index, 0)
     u = ((index + 1) * GOLDEN) % 1.0
     total = float(sum(weights.values()))
     edge = 0.0
-    kinds = list(weights)
+    kinds = sorted(weights)  # the order the mapping was written in does not matter
     for kind in kinds:
         edge += weights[kind] / total
         if u < edge:

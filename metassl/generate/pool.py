@@ -104,7 +104,7 @@ class EpisodePool:
         if generative is None and needs_generative(cfg):
             generative = load_generative_for(cfg)
         # one copy of the generative model's weights in the object store, shared by the actors
-        self._generative_ref = ray.put(generative) if generative is not None else None
+        self._generative_ref = ray.put({"params": generative["params"]}) if generative is not None else None
         self._config = to_dict(cfg)
         initial = encoder[1] if encoder is not None else 0
         # published version -> [ref to its weights] (None: version 0, no encoder); versions

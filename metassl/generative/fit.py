@@ -44,11 +44,20 @@ def needs_generative(cfg: Config) -> bool:
     return "generative" in generator_kinds(cfg) and not cfg.generator.shards
 
 
+def _source_keys(dataset: str) -> tuple[str, ...]:
+    """The `data` keys that say which images a fit on `dataset` learned from."""
+    if dataset.startswith("omniglot"):
+        return "dataset", "protocol"
+    if dataset.startswith("imagefolder"):
+        return "dataset", "split_fractions", "split_seed"  # the class split of a plain folder of classes
+    return ("dataset",)
+
+
 def data_signature(cfg: Config, images: torch.Tensor) -> dict:
-    """What the fit learned from: dataset, protocol, split and the images' count and shape."""
+    """What the fit learned from: dataset, protocol, class split, and the images' count and shape."""
     d = cfg.data
-    return {"dataset": d.dataset, "protocol": d.protocol, "split": "train", "images": len(images),
-            "shape": list(images.shape[1:])}
+    return {"dataset": d.dataset, "protocol": d.protocol, "split_fractions": list(d.split_fractions),
+            "split_seed": d.split_seed, "split": "train", "images": len(images), "shape": list(images.shape[1:])}
 
 
 def _fit_settings(cfg: Config) -> dict:
@@ -98,6 +107,14 @@ def check_fits(state: dict, cfg: Config) -> None:
         raise ConfigError(f"generative checkpoint {state.get('path', '')!r} makes images of shape {decoded} "
                           f"(fitted on {state['data']['dataset']} {got}), but this run's data are {want} "
                           f"(data.channels, data.image_size); fit one on this data")
+    # a model fitted on other images may have seen this run's validation or test classes
+    ours = data_signature(cfg, torch.zeros(0))
+    differ = [k for k in _source_keys(cfg.data.dataset) if state["data"].get(k) != ours[k]]
+    if differ:
+        pairs = ", ".join(f"data.{k}: {state['data'].get(k)!r} there, {ours[k]!r} here" for k in differ)
+        raise ConfigError(f"generative checkpoint {state.get('path', '')!r} was fitted on other images than this "
+                          f"run's meta-train split ({pairs}); it may have seen this run's validation or test "
+                          "classes: fit one on this data")
 
 
 def _grid(images: torch.Tensor, side: int) -> torch.Tensor:
@@ -239,15 +256,15 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
             _step(opts["vae"], [params[k] for k in groups["vae"]], loss)
         else:
             d_loss, g_loss, metrics = gan_losses(params, buffers, x, noise)
-            # D first (on the generated images as they were), then G against the updated D's scores
+            # a simultaneous update: both gradients come from this step's forward pass
             d_params, g_params = [params[k] for k in groups["d"]], [params[k] for k in groups["g"]]
             d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
             g_grads = torch.autograd.grad(g_loss, g_params)
             _apply(opts["d"], d_params, d_grads)
             _apply(opts["g"], g_params, g_grads)  # the power-iteration vectors stay equal on every
             # worker: they are a function of D's weights, which the averaged updates keep equal
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise DataError(f"the {gen.model} fit diverged at step {step + 1} ({metrics}); lower "
+        if distributed.any_true(not all(math.isfinite(v) for v in metrics.values())):  # every rank stops
+            raise DataError(f"the {gen.model} fit diverged at step {step + 1} (this worker's losses: {metrics}); lower "
                             f"generator.generative.lr (now {gen.lr})")
         step += 1
         window_steps += 1
@@ -310,19 +327,44 @@ def run_fit_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     return fit_loop(cfg, run_dir, LocalContext(0, local_device(cfg.train.device)), log)
 
 
-def fit_stage(cfg: Config, run_dir: str, fit) -> Config:
-    """`cfg` with `generator.generative.checkpoint` set, fitting one first when it is None.
-
-    The fit goes into `run_dir/generative` with `fit(cfg, location)` (a backend's runner);
-    a finished fit there (its result.json) is reused, an unfinished one resumes, so
-    re-running a `metassl train` command repeats neither the fit nor its config change.
-    """
+def generative_location(cfg: Config, run_dir: str) -> Config:
+    """`cfg` with `generator.generative.checkpoint` set: as given, or `run_dir/generative` where
+    `fit_stage` fits one (the config a run directory records, so that a re-run compares equal)."""
     gen = cfg.generator.generative
     if not needs_generative(cfg) or gen.checkpoint is not None:
         return cfg
     location = join(run_dir if is_uri(run_dir) else str(Path(run_dir).resolve()), "generative")
+    return replace(cfg, generator=replace(cfg.generator, generative=replace(gen, checkpoint=location)))
+
+
+def check_task_sampling(cfg: Config) -> None:
+    """DataError now (before any fit) when LASIUM's anchors cannot be placed `threshold` apart."""
+    from metassl.generative.latent import far_anchors
+
+    gen = cfg.generator.generative
+    far_anchors(np.random.default_rng(0), cfg.episodes.n_way, gen.latent_dim, gen.threshold)
+
+
+def fit_stage(cfg: Config, run_dir: str, fit) -> Config:
+    """`generative_location(cfg, run_dir)`, fitting the model first when the run is to fit its own.
+
+    The fit goes into `run_dir/generative` with `fit(cfg, location)` (a backend's runner);
+    a finished fit there (its result.json) is reused when its settings and data are this
+    config's (else ConfigError), an unfinished one resumes; so re-running a `metassl
+    train` command repeats neither the fit nor its config change.
+    """
+    if not needs_generative(cfg) or cfg.generator.generative.checkpoint is not None:
+        return cfg
+    check_task_sampling(cfg)
+    located = generative_location(cfg, run_dir)
+    location = located.generator.generative.checkpoint
     store = RunStore(location)
     store.pull()
-    if not (store.local / "result.json").is_file():
+    if (store.local / "result.json").is_file():
+        from metassl.registry import load_unlabelled
+
+        state = load_generative(location)
+        _check_resumable(state, cfg, data_signature(cfg, load_unlabelled(cfg)), store.local)
+    else:
         fit(cfg, location)
-    return replace(cfg, generator=replace(cfg.generator, generative=replace(gen, checkpoint=location)))
+    return located
