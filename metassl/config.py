@@ -23,7 +23,7 @@ from metassl.errors import ConfigError
 class DataConfig:
     """Where episodes come from."""
 
-    dataset: str = "digits"  # digits | sinusoid | omniglot | omniglot:PATH | imagefolder:PATH
+    dataset: str = "digits"  # digits | sinusoid | omniglot[:PATH] | imagefolder:PATH | clinc150[:PATH] | text:PATH
     root: str | None = None  # dataset folder (omniglot); None: $METASSL_DATA or download
     protocol: str = "supervised"  # omniglot: supervised (rotations as classes) | unsupervised
     image_size: int = 28  # images are resized to image_size x image_size
@@ -33,6 +33,13 @@ class DataConfig:
     # split_seed (the split is a function of these two keys and the class names)
     split_fractions: tuple[float, ...] = (0.6, 0.2, 0.2)
     split_seed: int = 0
+    # texts (clinc150, text:PATH); see metassl.data.text and metassl.data.tokenizer
+    class_split: str = "primary"  # clinc150: primary (by intent) | domain_disjoint (no domain in two splits)
+    # a tokenizer.json (path or URI); None: `metassl train` learns a WordPiece vocabulary from the
+    # meta-train text into RUN/tokenizer.json, which every process of the run then reads
+    tokenizer: str | None = None
+    vocab_size: int = 4000  # most word pieces of a learned vocabulary (and rows of the token embedding)
+    max_tokens: int = 32  # ids per text with [CLS] and [SEP]: longer texts are truncated, shorter padded
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,13 @@ class EpisodeConfig:
 class ModelConfig:
     """Backbone."""
 
-    backbone: str = "conv4"  # conv4 | mlp
-    hidden: int = 64  # Conv-4 channels
+    backbone: str = "conv4"  # conv4 (images) | transformer (texts) | mlp (sinusoid)
+    hidden: int = 64  # Conv-4 channels; Transformer width
     norm: str = "layer"  # layer | group | batch | batch_transductive | none
     mlp_hidden: tuple[int, ...] = (40, 40)  # MLP hidden widths
+    layers: int = 2  # Transformer blocks
+    heads: int = 4  # Transformer attention heads (hidden must be a multiple)
+    dropout: float = 0.1  # Transformer dropout (also what makes SimCSE's two views differ)
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,8 @@ class ObjectiveConfig:
 
     ssl_weight: float = 0.0  # 0: meta-learning loss only
     simclr: float = 1.0  # weight of NT-Xent on two views inside ssl_loss
-    rotation: float = 1.0  # weight of rotation prediction inside ssl_loss
+    rotation: float = 1.0  # weight of rotation prediction inside ssl_loss (images)
+    mlm: float = 1.0  # weight of masked-language modelling inside ssl_loss (texts)
     temperature: float = 0.5  # NT-Xent temperature
     proj_dim: int = 64  # SimCLR projection size
 
@@ -158,11 +169,21 @@ class GenerativeConfig:
 
 
 @dataclass(frozen=True)
+class SmlmtConfig:
+    """`generator.kind: smlmt`: N-way K-shot masked-word tasks from unlabelled text (Bansal et al. 2020)."""
+
+    skip_top: int = 30  # the most frequent words (by sentences containing them) never make a class
+    min_sentences: int = 0  # a word makes a class when at least this many sentences hold it (0: k_shot + n_query)
+    mlm_prob: float = 0.15  # masked-language-modelling view: share of the real word pieces masked
+    ssl_texts: int = 32  # texts per episode in the SSL views (SimCSE pairs, masked-token view)
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     """Where training episodes come from when labels are not used."""
 
     # labelled (sampler over true classes) | augment (UMTRA) | cluster (CACTUs) | generative (LASIUM)
-    # | mix (several of them by episode id, generator.mix)
+    # | mix (several of them by episode id, generator.mix) | smlmt (masked-word tasks from text)
     kind: str = "labelled"
     # Ray generator actors per training process; 0: generate in the training process;
     # -1 (auto): `train --backend ray` gives each worker an equal share of the CPUs left
@@ -188,6 +209,7 @@ class GeneratorConfig:
     mix: dict = field(default_factory=dict)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     generative: GenerativeConfig = field(default_factory=GenerativeConfig)
+    smlmt: SmlmtConfig = field(default_factory=SmlmtConfig)
 
 
 @dataclass(frozen=True)
@@ -253,14 +275,15 @@ class Config:
 
 
 CHOICES = {
-    "model.backbone": ("conv4", "mlp"),
+    "model.backbone": ("conv4", "mlp", "transformer"),
+    "data.class_split": ("primary", "domain_disjoint"),
     "model.norm": ("layer", "group", "batch", "batch_transductive", "none"),
     "learner.name": ("maml", "fomaml", "reptile", "protonet", "matchingnet"),
     "optim.optimizer": ("adam", "sgd"),
     "optim.schedule": ("constant", "cosine"),
     "data.protocol": ("supervised", "unsupervised"),
     "eval.split": ("train", "val", "test"),
-    "generator.kind": ("labelled", "augment", "cluster", "generative", "mix"),
+    "generator.kind": ("labelled", "augment", "cluster", "generative", "mix", "smlmt"),
     "generator.generative.model": ("vae", "gan"),
     "generator.generative.decoder": ("bernoulli", "gaussian"),
     "generator.generative.strategy": ("n", "ro", "oc"),
@@ -278,13 +301,15 @@ POSITIVE = [
     "generator.generative.latent_dim", "generator.generative.hidden", "generator.generative.steps",
     "generator.generative.lr", "generator.generative.sample_every",
     "tune.samples", "tune.workers", "tune.reduction_factor",
+    "data.vocab_size", "data.max_tokens", "model.layers", "model.heads", "generator.smlmt.ssl_texts",
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
                 "generator.refresh_every", "generator.warmup_steps", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
                 "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
-                "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise"]
+                "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise",
+                "objective.mlm", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences"]
 
 
 def _get(cfg: Config, key: str):
@@ -340,6 +365,8 @@ AT_MOST = {
     "generator.embedding_dim": 65_536, "generator.generative.latent_dim": 65_536,
     "generator.generative.hidden": 4096, "generator.generative.batch_size": 1_000_000,
     "generator.generative.steps": 10**9,
+    "data.vocab_size": 1_000_000, "data.max_tokens": 8192, "model.layers": 256, "model.heads": 1024,
+    "generator.smlmt.ssl_texts": 100_000, "generator.smlmt.skip_top": 10**9, "generator.smlmt.min_sentences": 10**9,
 }
 MAX_SEED = 2**31 - 1
 MAX_BATCH_BYTES = 64 * 2**30  # first-layer activations of one meta-batch (float32)
@@ -353,7 +380,11 @@ def _check_sizes(cfg: Config) -> None:
         return
     way, shot, query = (cfg.eval.n_way or ep.n_way, cfg.eval.k_shot or ep.k_shot, cfg.eval.n_query or ep.n_query)
     side = cfg.data.image_size
-    per_image = m.hidden * side * side * 4 if m.backbone == "conv4" else 4 * max(m.mlp_hidden or (1,))
+    if m.backbone == "transformer":
+        side = 1  # a text's activations: max_tokens x 4 * hidden (the MLP of a block)
+        per_image = cfg.data.max_tokens * 4 * m.hidden * 4
+    else:
+        per_image = m.hidden * side * side * 4 if m.backbone == "conv4" else 4 * max(m.mlp_hidden or (1,))
     for keys, images in (
             ("episodes.meta_batch x episodes.n_way x (episodes.k_shot + episodes.n_query)",
              ep.meta_batch * ep.n_way * (ep.k_shot + ep.n_query)),
@@ -362,6 +393,12 @@ def _check_sizes(cfg: Config) -> None:
             raise ConfigError(f"{keys} = {images} images of {side}x{side} with model.hidden={m.hidden} need "
                               f"{images * per_image / 2**30:.3g} GiB of activations per layer; at most "
                               f"{MAX_BATCH_BYTES / 2**30:g} GiB")
+    if m.backbone == "transformer":
+        params = (cfg.data.vocab_size + cfg.data.max_tokens) * m.hidden + m.layers * 12 * m.hidden ** 2
+        params += cfg.data.vocab_size * m.hidden if cfg.objective.ssl_weight else 0  # the MLM head
+        if params > MAX_PARAMS:
+            raise ConfigError(f"data.vocab_size={cfg.data.vocab_size}, model.hidden={m.hidden}, model.layers="
+                              f"{m.layers} make {params:.3g} parameters; at most {MAX_PARAMS:.3g}")
     if m.backbone == "conv4":
         dim = m.hidden * (side // 16) ** 2
         params = 9 * m.hidden * (cfg.data.channels + 3 * m.hidden) + dim * max(ep.n_way, way)
@@ -446,7 +483,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"objective.ssl_weight={cfg.objective.ssl_weight} needs SSL views: set "
                           "generator.ssl_views=true (with a generator.kind other than labelled)")
     if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
-        raise ConfigError("generator.ssl_views=true needs generator.kind 'augment', 'cluster', 'generative' or 'mix'")
+        raise ConfigError("generator.ssl_views=true needs generator.kind 'augment', 'cluster', 'generative', 'mix' "
+                          "or 'smlmt'")
     _check_sizes(cfg)
     if cfg.model.norm == "group" and cfg.model.hidden % 8:
         raise ConfigError(f"model.norm='group' uses 8 groups, so model.hidden={cfg.model.hidden} must be a multiple of 8")
@@ -456,16 +494,45 @@ def _validate(cfg: Config) -> None:
                           f"episodes.n_way={cfg.episodes.n_way}-way classifier head and is evaluated with the same "
                           f"n_way (learner.zero_head=true adapts a head of any width)")
     regression = cfg.data.dataset == "sinusoid"
-    if regression != (cfg.model.backbone == "mlp"):
-        raise ConfigError(
-            f"data.dataset={cfg.data.dataset!r} needs model.backbone="
-            f"{'mlp' if regression else 'conv4'!r}, got {cfg.model.backbone!r}")
+    wanted = "mlp" if regression else "transformer" if is_text_config(cfg) else "conv4"
+    if cfg.model.backbone != wanted:
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} needs model.backbone={wanted!r}, "
+                          f"got {cfg.model.backbone!r}")
+    _validate_text(cfg)
     if regression and cfg.learner.name not in ("maml", "fomaml", "reptile"):
         raise ConfigError(f"learner.name={cfg.learner.name!r} classifies; sinusoid regression needs "
                           "maml, fomaml or reptile")
 
 
 MIXABLE = ("augment", "cluster", "generative")
+TEXT_DATASETS = ("clinc150", "text")
+
+
+def is_text_config(cfg: Config) -> bool:
+    """True when the run's data are texts (clinc150, text:PATH)."""
+    return cfg.data.dataset.partition(":")[0] in TEXT_DATASETS
+
+
+def _validate_text(cfg: Config) -> None:
+    text, g = is_text_config(cfg), cfg.generator
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if not 0 < g.smlmt.mlm_prob < 1:
+        raise ConfigError(f"generator.smlmt.mlm_prob={g.smlmt.mlm_prob} must be in (0, 1)")
+    if g.smlmt.ssl_texts < 2 and g.ssl_views:
+        raise ConfigError(f"generator.smlmt.ssl_texts={g.smlmt.ssl_texts}: contrastive views need at least 2 texts")
+    if text and g.kind not in ("labelled", "smlmt") and not g.shards:
+        raise ConfigError(f"generator.kind={g.kind!r} makes image episodes; for text use 'smlmt' "
+                          "(masked-word tasks) or 'labelled'")
+    if not text and g.kind == "smlmt":
+        raise ConfigError(f"generator.kind='smlmt' makes masked-word tasks from text; data.dataset="
+                          f"{cfg.data.dataset!r} is not text (clinc150, text:PATH)")
+    if cfg.data.tokenizer is not None:
+        _check_text(cfg.data.tokenizer, "data.tokenizer")
+    if text and cfg.model.hidden % cfg.model.heads:
+        raise ConfigError(f"model.hidden={cfg.model.hidden} must be a multiple of model.heads={cfg.model.heads}")
+    if text and cfg.data.max_tokens < 4:
+        raise ConfigError(f"data.max_tokens={cfg.data.max_tokens} must be at least 4 ([CLS], [SEP] and two pieces)")
 
 
 def generator_kinds(cfg: Config) -> tuple[str, ...]:

@@ -22,12 +22,17 @@ from metassl.ssl.losses import nt_xent, rotation_loss
 
 
 class SSLHeads(nn.Module):
-    """A SimCLR projection MLP (`dim -> dim -> proj_dim`) and a 4-way rotation classifier."""
+    """A SimCLR projection MLP (`dim -> dim -> proj_dim`) and the pretext head: a 4-way rotation
+    classifier for images, or for texts (`vocab_size` set) a masked-token predictor over the
+    vocabulary (`dim -> dim`, GELU, LayerNorm, `-> vocab_size`, as BERT's)."""
 
-    def __init__(self, dim: int, proj_dim: int = 64):
+    def __init__(self, dim: int, proj_dim: int = 64, vocab_size: int | None = None):
         super().__init__()
         self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
-        self.rotation = nn.Linear(dim, 4)
+        if vocab_size:
+            self.mlm = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, vocab_size))
+        else:
+            self.rotation = nn.Linear(dim, 4)
 
 
 def features(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +43,14 @@ def features(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor)
     return forward(body, _sub(params, "features."), _sub(buffers, "features."), x)
 
 
+def token_states(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+    """Per-token states `[B, L, D]` of a text model's encoder (`model.features`) for items `x` `[B, 2, L]`."""
+    from torch.func import functional_call
+
+    return functional_call(model.features, (_sub(params, "features."), _sub(buffers, "features.")), (x,),
+                           {"tokens": True})
+
+
 @dataclass
 class SSLWeights:
     """Which SSL losses to use and how much each counts inside `ssl_loss`."""
@@ -45,6 +58,7 @@ class SSLWeights:
     simclr: float = 1.0
     rotation: float = 1.0
     temperature: float = 0.5
+    mlm: float = 1.0
 
 
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # rows -> (every worker's rows, own start)
@@ -56,7 +70,10 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
     """Return the SSL loss of a batch of views `(x1, x2, rot_x, rot_y)` and its parts.
 
     `x1`, `x2`: `[B, C, H, W]` two views of `B` images; `rot_x` `[R, C, H, W]` with its
-    quarter turns `rot_y` `[R]`. The backbone runs on throw-away copies of `buffers`, so
+    quarter turns `rot_y` `[R]`. For texts (int64 items `[B, 2, L]`): `x1`, `x2` are the same
+    texts, whose two passes differ by dropout (SimCSE), and `rot_x` `[R, 2, L]` a masked view
+    with targets `rot_y` `[R, L]` (-100: not a target): masked-language modelling, weighted by
+    `weights.mlm` in place of rotation. The backbone runs on throw-away copies of `buffers`, so
     running statistics are not updated by the views. `gather` (`distributed.gather_rows`
     when training on several workers) makes NT-Xent compare this worker's pairs with the
     projections of every worker's views; this worker's loss is the mean over its own pairs
@@ -80,7 +97,16 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
             loss = nt_xent(z1, z2, weights.temperature, anchors=(first, first + b))
         parts["simclr_loss"] = float(loss.detach())
         total = total + weights.simclr * loss
-    if weights.rotation:
+    if rot_x.dtype == torch.int64:  # texts: masked-language modelling
+        picked = rot_y != -100
+        if weights.mlm and picked.any():  # a batch of very short texts may have no piece masked
+            states = token_states(model, params, _scratch(buffers), rot_x)
+            logits = forward(heads.mlm, _sub(head_params, "mlm."), {}, states[picked])
+            loss = torch.nn.functional.cross_entropy(logits, rot_y[picked])
+            parts["mlm_loss"] = float(loss.detach())
+            parts["mlm_acc"] = float((logits.argmax(-1) == rot_y[picked]).float().mean())
+            total = total + weights.mlm * loss
+    elif weights.rotation:
         embedded = features(model, params, _scratch(buffers), rot_x)
         logits = forward(heads.rotation, _sub(head_params, "rotation."), {}, embedded)
         loss = rotation_loss(logits, rot_y)

@@ -244,7 +244,11 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
 
     store = RunStore(run_dir)  # a local folder, or a URI mirrored locally
     store.pull()
-    check_resumable(generative_location(cfg, str(run_dir)), store.local)  # before any fit
+    from metassl.registry import tokenizer_location, tokenizer_stage
+
+    # before any fit or vocabulary is made: the config as those stages will leave it
+    check_resumable(generative_location(tokenizer_location(cfg, str(run_dir)), str(run_dir)), store.local)
+    cfg = tokenizer_stage(cfg, str(run_dir))  # a text run's vocabulary, learned once (RUN/tokenizer.json)
     generates = cfg.generator.kind != "labelled" and not cfg.generator.shards
     # generative episodes without a fitted model: fit one first, on the same workers (RUN/generative),
     # in a Ray instance with the CPUs the meta-training will want

@@ -4,9 +4,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metassl.config import CHOICES, Config
+from pathlib import Path
+
+from metassl.config import CHOICES, Config, is_text_config
 from metassl.data import EpisodeSampler, SinusoidTasks, check_split_allowed, load_split
-from metassl.errors import ConfigError
+from metassl.data.text import TextCorpus, is_text, read_split, to_split, unlabelled_texts
+from metassl.data.tokenizer import TextTokenizer
+from metassl.errors import ConfigError, DataError
+from metassl.storage import is_uri, join as storage_join, read_text, upload
+
+TOKENIZER_FILE = "tokenizer.json"
 from metassl.meta import MAML, MatchingNet, ProtoNet, Reptile
 from metassl.models import build_model
 
@@ -45,7 +52,15 @@ def build_backbone(cfg: Config, learner) -> nn.Module:
     m = cfg.model
     return build_model(m.backbone, out_features=out, in_channels=cfg.data.channels, hidden=m.hidden,
                        norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
-                       support_statistics=has_inner_loop(cfg))
+                       support_statistics=has_inner_loop(cfg), text=text_settings(cfg))
+
+
+def text_settings(cfg: Config) -> dict | None:
+    """The Transformer's settings for a text run (None for images and regression)."""
+    if not is_text_config(cfg):
+        return None
+    d, m = cfg.data, cfg.model
+    return dict(vocab_size=d.vocab_size, max_tokens=d.max_tokens, layers=m.layers, heads=m.heads, dropout=m.dropout)
 
 
 def has_inner_loop(cfg: Config) -> bool:
@@ -66,14 +81,107 @@ def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: 
     if dataset == "sinusoid":
         check_split_allowed(split)  # image splits are checked by load_split
         return SinusoidTasks(k_shot, n_query, seed=seed + _SINUSOID_SPLIT_OFFSET[split])
+    if is_text(dataset) != is_text_config(cfg):
+        kind = "text" if is_text_config(cfg) else "images"
+        raise ConfigError(f"the run was trained on {kind} ({cfg.data.dataset}); it cannot be evaluated on {dataset!r}")
+    if is_text(dataset):
+        check_split_allowed(split)
+        d = cfg.data
+        texts = read_split(dataset, split, root=root if root is not None else d.root, class_split=d.class_split,
+                           split_fractions=d.split_fractions, split_seed=d.split_seed,
+                           trained_on=_training_text(cfg))
+        return EpisodeSampler(to_split(texts, text_tokenizer(cfg)), n_way, k_shot, n_query, seed=seed)
     data = load_split(dataset, split, root=root if root is not None else cfg.data.root,
                       trained_on=_training_folder(cfg), **_image_options(cfg))
     return EpisodeSampler(data, n_way, k_shot, n_query, seed=seed)
 
 
-def load_unlabelled(cfg: Config) -> torch.Tensor:
-    """The meta-train images without their labels `[M, C, H, W]` (what generators build episodes from)."""
+def load_unlabelled(cfg: Config):
+    """What generators build episodes from, without labels: the meta-train images `[M, C, H, W]`,
+    or for text a `TextCorpus` (the meta-train texts and the run's tokenizer)."""
+    if is_text_config(cfg):
+        check_split_allowed("train")
+        d = cfg.data
+        texts = unlabelled_texts(d.dataset, root=d.root, class_split=d.class_split,
+                                 split_fractions=d.split_fractions, split_seed=d.split_seed)
+        return TextCorpus(texts, text_tokenizer(cfg).to_json(), d.max_tokens)
     return load_split(cfg.data.dataset, "train", root=cfg.data.root, **_image_options(cfg)).x
+
+
+_TOKENIZERS: dict[tuple, TextTokenizer] = {}  # this process's tokenizers, by where they came from
+
+
+def text_tokenizer(cfg: Config) -> TextTokenizer:
+    """The run's tokenizer: `data.tokenizer` (a tokenizer.json, path or URI) when set, else one learned
+    from the meta-train text (once per process: learning is not reproducible across processes, so a
+    run learns it once in `tokenizer_stage` and its processes load the file)."""
+    d = cfg.data
+    if d.tokenizer is not None:
+        key = ("file", d.tokenizer, d.max_tokens)
+        if key not in _TOKENIZERS:
+            if is_uri(d.tokenizer):
+                text = read_text(d.tokenizer)
+                if text is None:
+                    raise DataError(f"data.tokenizer={d.tokenizer!r}: no such file")
+                tok = TextTokenizer.from_json(text, d.max_tokens, f"data.tokenizer={d.tokenizer!r}")
+            else:
+                tok = TextTokenizer.load(d.tokenizer, d.max_tokens)
+            _TOKENIZERS[key] = tok
+        tok = _TOKENIZERS[key]
+        if tok.vocab_size > d.vocab_size:
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r} has {tok.vocab_size} word pieces but the model "
+                              f"embeds data.vocab_size={d.vocab_size}; raise data.vocab_size")
+        return tok
+    key = ("learned", d.dataset, d.root, d.class_split, d.split_fractions, d.split_seed, d.vocab_size, d.max_tokens)
+    if key not in _TOKENIZERS:
+        texts = unlabelled_texts(d.dataset, root=d.root, class_split=d.class_split,
+                                 split_fractions=d.split_fractions, split_seed=d.split_seed)
+        _TOKENIZERS[key] = TextTokenizer.train(texts, d.vocab_size, d.max_tokens)
+    return _TOKENIZERS[key]
+
+
+def tokenizer_stage(cfg: Config, run_dir: str) -> Config:
+    """`cfg` with `data.tokenizer` = RUN/tokenizer.json for a text run that learns its own vocabulary.
+
+    The vocabulary is learned from the meta-train text once, when the file is not there yet (a
+    re-run or resume reuses it), and saved with the run (uploaded for a storage URI), so training
+    workers, generator actors and `metassl eval` all encode with the same word pieces.
+    """
+    located = tokenizer_location(cfg, run_dir)
+    if located is cfg:
+        return cfg
+    location = located.data.tokenizer
+    if read_text(location) is None:
+        tok = text_tokenizer(cfg)
+        if is_uri(location):
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                tok.save(Path(tmp) / TOKENIZER_FILE)
+                upload(Path(tmp) / TOKENIZER_FILE, location)
+        else:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            partial = Path(run_dir) / (TOKENIZER_FILE + ".part")
+            tok.save(partial)
+            partial.replace(Path(location))
+    text_tokenizer(located)  # a damaged file fails here, before any worker starts
+    return located
+
+
+def tokenizer_location(cfg: Config, run_dir: str) -> Config:
+    """`cfg` as `tokenizer_stage` will return it (nothing is read or written): what a re-run compares."""
+    if not is_text_config(cfg) or cfg.data.tokenizer is not None:
+        return cfg
+    import dataclasses
+
+    run_dir = str(run_dir)
+    location = storage_join(run_dir, TOKENIZER_FILE) if is_uri(run_dir) else str(Path(run_dir).resolve() / TOKENIZER_FILE)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=location))
+
+
+def _training_text(cfg: Config) -> str | None:
+    """The file or folder a text run meta-trains on when it is a `text:PATH`, else None."""
+    name, _, path = cfg.data.dataset.partition(":")
+    return (path or cfg.data.root) if name == "text" else None
 
 
 def _image_options(cfg: Config) -> dict:
@@ -91,7 +199,7 @@ def _training_folder(cfg: Config) -> str | None:
 
 def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int] | None = None,
                     generative: dict | None = None):
-    """Return the episode generator named by `cfg.generator.kind` over unlabelled `images`.
+    """Return the episode generator named by `cfg.generator.kind` over unlabelled `images` (a TextCorpus for smlmt).
 
     `encoder` = (weights, version) makes a cluster generator embed with the model's
     features (`generator.encoder: model`) from the start. `generative` is the fitted
@@ -103,6 +211,9 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
 
     g, ep = cfg.generator, cfg.episodes
     seed = cfg.seed
+    if g.kind == "smlmt":
+        from metassl.generate.smlmt import SMLMTEpisodes
+        return SMLMTEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.smlmt, seed=seed, ssl_views=g.ssl_views)
     if g.kind == "mix":
         return MixedEpisodes({kind: build_generator(_with_kind(cfg, kind), images, encoder, generative)
                               for kind in g.mix}, g.mix)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metassl.config import Config, ConfigError, load
+from metassl.config import Config, ConfigError, is_text_config, load
 from metassl.errors import MetasslError
 from metassl.generative.fit import needs_generative, write_pictures
 
@@ -272,6 +272,36 @@ def training_episodes(cfg: Config, count: int = SHOWN_EPISODES) -> list:
         return [source.record(i) for i in ids]
 
 
+def text_episode_lines(cfg: Config, count: int = 2, max_shown: int = 2) -> list[str]:
+    """Markdown lines showing the first `count` generated text episodes: per pseudo-class, the
+    masked word (smlmt) and a few support and query texts, decoded with the run's tokenizer."""
+    from metassl.registry import text_tokenizer
+
+    tok = text_tokenizer(cfg)
+    lines = []
+    for record in training_episodes(cfg, count):
+        e = record.episode
+        lines.append(f"Episode {record.episode_id} ({record.generator}, {record.n_way}-way {record.k_shot}-shot):")
+        lines.append("")
+        words = _masked_words(cfg, record.episode_id) if record.generator == "smlmt" else None
+        for label in range(record.n_way):
+            shots = [tok.decode(x[0]) for x in e.support_x[e.support_y == label][:max_shown]]
+            queries = [tok.decode(x[0]) for x in e.query_x[e.query_y == label][:max_shown]]
+            head = f"class {label}" + (f" (masked word: `{words[label]}`)" if words else "")
+            lines.append(f"- {head}: support " + "; ".join(f"`{t}`" for t in shots)
+                         + " | query " + "; ".join(f"`{t}`" for t in queries))
+        lines.append("")
+    return lines
+
+
+def _masked_words(cfg: Config, index: int) -> list[str] | None:
+    from metassl.generate.source import VersionedGenerator
+    from metassl.registry import load_unlabelled
+
+    source = VersionedGenerator(cfg, load_unlabelled(cfg)).at(0, None)
+    return source.word_of(index) if hasattr(source, "word_of") else None
+
+
 def _check_image_episode(episode) -> None:
     x = episode.support_x
     if getattr(episode, "batched", False):
@@ -374,7 +404,11 @@ def _config_rows(run: Run) -> list[tuple[str, str]]:
         return [("config", run.config_note), ("steps run", steps), ("minutes", minutes)]
     d, e, g = c.data, c.episodes, c.generator
     dataset = d.dataset + (f" ({d.protocol} protocol)" if d.dataset.startswith("omniglot") else "")
-    if d.dataset != "sinusoid":
+    text = is_text_config(c)
+    if text:
+        dataset += (f" ({d.class_split} class split)" if d.dataset.startswith("clinc150") else "")
+        dataset += f", at most {d.max_tokens} tokens, vocabulary of {d.vocab_size}"
+    elif d.dataset != "sinusoid":
         dataset += f", {d.image_size}x{d.image_size}, {'RGB' if d.channels == 3 else 'grey'}"
     kinds = g.mix if g.kind == "mix" else {g.kind: 1}
     generator = g.kind + (f" {dict(g.mix)}" if g.kind == "mix" else "")
@@ -385,8 +419,9 @@ def _config_rows(run: Run) -> list[tuple[str, str]]:
     return [("dataset", dataset),
             ("episodes", f"{e.n_way}-way {e.k_shot}-shot, {e.n_query} queries, meta-batch {e.meta_batch}"),
             ("learner", c.learner.name), ("generator", generator),
-            ("ssl_weight", f"{c.objective.ssl_weight}" + (f" (simclr {c.objective.simclr}, rotation "
-                                                        f"{c.objective.rotation})" if c.objective.ssl_weight else "")),
+            ("ssl_weight", f"{c.objective.ssl_weight}" + (
+                (f" (simcse {c.objective.simclr}, mlm {c.objective.mlm})" if text else
+                 f" (simclr {c.objective.simclr}, rotation {c.objective.rotation})") if c.objective.ssl_weight else "")),
             ("steps run", f"{steps} of {c.train.steps}"), ("minutes", minutes)]
 
 
@@ -445,7 +480,13 @@ def write_report(run_dir: str | Path, *, episodes_png: bool = True) -> dict[str,
     else:
         notes.append("No learning curves: the run recorded no scalars.")
     generated = run.cfg is not None and (run.cfg.generator.kind != "labelled" or run.cfg.generator.shards)
-    if episodes_png and generated:
+    text_episodes = []
+    if generated and is_text_config(run.cfg):
+        try:
+            text_episodes = text_episode_lines(run.cfg)
+        except MetasslError as e:
+            notes.append(f"No generated episodes shown: {e}")
+    elif episodes_png and generated:
         try:
             records = training_episodes(run.cfg)
             written["episodes"] = draw_episodes(records, run.path / "episodes.png")
@@ -469,6 +510,8 @@ def write_report(run_dir: str | Path, *, episodes_png: bool = True) -> dict[str,
         lines += ["", f"Episodes 0-{len(records) - 1} of the training stream, the first the trainer saw ("
                       f"at most {MAX_CLASSES} classes, {MAX_SHOTS} shots and {MAX_QUERIES} queries shown):",
                   "", "![training episodes](episodes.png)"]
+    if text_episodes:
+        lines += ["", "## Generated episodes", "", *text_episodes]
     if pictures:
         gen = run.cfg.generator.generative
         lines += ["", f"The {gen.model.upper()} the episodes were decoded from "

@@ -34,7 +34,7 @@ CREDENTIALS_HINT = {
 }
 
 
-RUN_FILES = ("config.yaml", "result.json", "checkpoints/", "tensorboard/")  # what metassl writes
+RUN_FILES = ("config.yaml", "result.json", "checkpoints/", "tensorboard/", "tokenizer.json")  # what metassl writes
 
 
 def is_uri(location: str | Path) -> bool:

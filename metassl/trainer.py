@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from metassl import checkpoint, distributed
-from metassl.config import Config, dump, from_dict, to_dict
+from metassl.config import Config, dump, from_dict, is_text_config, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder
@@ -25,7 +25,7 @@ from metassl.generative.fit import needs_generative
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
-from metassl.registry import build_backbone, build_learner, build_sampler, is_regression
+from metassl.registry import build_backbone, build_learner, build_sampler, is_regression, text_settings
 
 # Sections that may change between a run and its resume (length, logging, evaluation, tuning).
 _RESUMABLE_CHANGES = ("train", "eval", "tune")
@@ -216,11 +216,17 @@ class Progress:
 def run_local(cfg: Config, run_dir: str | Path, log=print) -> dict:
     """Meta-train in this process, evaluate the best checkpoint on meta-test, return `result.json`'s dict."""
     from metassl.generative.fit import fit_stage, generative_location, run_fit_local
+    from metassl.registry import tokenizer_location, tokenizer_stage
 
     if needs_generative(cfg) and cfg.generator.generative.checkpoint is None:  # a different run fails before the fit
         store = RunStore(run_dir)
         store.pull()
         check_resumable(generative_location(cfg, str(run_dir)), store.local)
+    if is_text_config(cfg):  # a text run learns its vocabulary first (RUN/tokenizer.json), once
+        store = RunStore(run_dir)
+        store.pull()
+        check_resumable(tokenizer_location(cfg, str(run_dir)), store.local)
+        cfg = tokenizer_stage(cfg, str(run_dir))
     # generative episodes without a fitted model: fit one first, in this process (RUN/generative)
     cfg = fit_stage(cfg, str(run_dir), lambda c, location: run_fit_local(c, location, log))
     ctx = LocalContext(max(cfg.generator.actors, 0), local_device(cfg.train.device))
@@ -256,10 +262,12 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     params = {k: v.to(device).requires_grad_() for k, v in params.items()}
     buffers = {k: v.detach().clone().to(device) for k, v in model.named_buffers()}
     use_ssl = cfg.objective.ssl_weight > 0
-    heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim)
+    text = text_settings(cfg)
+    heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim, text and text["vocab_size"])
     head_params = ({k: v.detach().clone().to(device).requires_grad_() for k, v in heads.named_parameters()}
                    if use_ssl else {})
-    ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature)
+    ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature,
+                             cfg.objective.mlm)
     named = {**params, **head_params}  # every outer-loop parameter, by name
     all_params = list(named.values())
     opt, sched = make_optimizer(cfg, named)

@@ -138,6 +138,8 @@ def run_tune(base: Config, sweep_dir: str | Path, *, address: str | None = None,
     if {"config.yaml", "result.json"} & set(list_names(sweep)):
         raise ConfigError(f"{sweep} holds a training run, not a sweep: choose another sweep directory (--out)")
     base = _fit_once(base, sweep, address, log)
+    from metassl.registry import tokenizer_stage
+    base = tokenizer_stage(base, sweep)  # a text sweep's trials share one vocabulary (SWEEP/tokenizer.json)
     check_data(base)  # train and val only: bad data fails before any trial starts
     mode = "min" if is_regression(base) else "max"
     init_ray(address)

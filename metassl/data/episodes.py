@@ -22,9 +22,10 @@ class Episode:
     """One few-shot task, or a batch of tasks when `batched` (every tensor then has a leading
     [tasks] dimension).
 
-    Classification (from `EpisodeSampler`), for N = n_way, K = k_shot, Q = n_query:
-        support_x: [N*K, C, H, W] float32; support_y: [N*K] int64 labels 0..N-1
-        query_x:   [N*Q, C, H, W] float32; query_y:   [N*Q] int64
+    Classification (from `EpisodeSampler`), for N = n_way, K = k_shot, Q = n_query and items
+    of shape S (images `[C, H, W]` float32, texts `[2, L]` int64: token ids, attention mask):
+        support_x: [N*K, *S]; support_y: [N*K] int64 labels 0..N-1
+        query_x:   [N*Q, *S]; query_y:   [N*Q] int64
     Both sets are label-major: all examples of label 0 first, then label 1, and so on.
     Regression (from `SinusoidTasks`): x and y are float32 [K, 1] and [Q, 1].
     """
@@ -68,27 +69,36 @@ def stack_episodes(episodes: Sequence[Episode]) -> Episode:
 
 @dataclass(frozen=True, eq=False)
 class FewShotSplit:
-    """Labelled images of one split.
+    """Labelled items (images or texts) of one split.
 
-    x: [N, C, H, W] float32 in [0, 1]; y: [N] int64 in 0..num_classes-1, where class `c` is
+    x: images [N, C, H, W] float32 in [0, 1], or texts [N, 2, L] int64 (token ids, attention
+    mask; see metassl.data.tokenizer); y: [N] int64 in 0..num_classes-1, where class `c` is
     named `class_names[c]`. `name` says where the split came from, e.g.
-    "omniglot/supervised/train"; error messages quote it.
+    "omniglot/supervised/train"; error messages quote it. `query_only` (a bool per row, or
+    None) splits each class into a support pool (False) and a query pool (True): CLINC150's
+    held-out protocol draws shots from an intent's `train` utterances and queries from its
+    `test` ones; None lets any row be either.
     """
 
     x: torch.Tensor = field(repr=False)
     y: torch.Tensor = field(repr=False)
     class_names: tuple[str, ...] = field(repr=False)
     name: str
+    query_only: np.ndarray | None = field(default=None, repr=False)
     # Row indices of each class, filled in by __post_init__: class_indices[c] is a 1-d int64
     # numpy array of the rows of x whose label is c, in ascending order.
     class_indices: tuple[np.ndarray, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.x.dtype != torch.float32:
+        image = self.x.ndim == 4 and self.x.dtype == torch.float32
+        text = self.x.ndim == 3 and self.x.dtype == torch.int64 and self.x.shape[1] == 2
+        if not (image or text):
             raise DataError(
-                f"split {self.name!r}: x must be a float32 tensor [N, C, H, W], "
+                f"split {self.name!r}: x must be images (float32 [N, C, H, W]) or texts (int64 [N, 2, L]), "
                 f"got {self.x.dtype} with shape {list(self.x.shape)}"
             )
+        if self.query_only is not None and (self.query_only.dtype != bool or self.query_only.shape != (len(self.x),)):
+            raise DataError(f"split {self.name!r}: query_only must be a bool array with one value per row")
         if self.y.ndim != 1 or self.y.dtype != torch.int64 or len(self.y) != len(self.x):
             raise DataError(
                 f"split {self.name!r}: y must be an int64 tensor [N] with N = {len(self.x)} "
@@ -104,6 +114,13 @@ class FewShotSplit:
         bounds = np.cumsum(np.bincount(labels, minlength=len(self.class_names)))[:-1]
         groups = tuple(np.split(order, bounds)) if self.class_names else ()
         object.__setattr__(self, "class_indices", groups)
+
+    def pools(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(support rows, query rows) of class `c`: the same rows twice unless `query_only` is set."""
+        rows = self.class_indices[c]
+        if self.query_only is None:
+            return rows, rows
+        return rows[~self.query_only[rows]], rows[self.query_only[rows]]
 
     @property
     def num_classes(self) -> int:
@@ -137,15 +154,24 @@ class EpisodeSampler:
                 f"n_way={self.n_way} but split {split.name!r} has only {split.num_classes} "
                 f"classes; use n_way <= {split.num_classes}"
             )
-        needed = self.k_shot + self.n_query
-        sizes = [len(rows) for rows in split.class_indices]
-        smallest = int(np.argmin(sizes))
-        if sizes[smallest] < needed:
-            raise DataError(
-                f"k_shot + n_query = {self.k_shot} + {self.n_query} = {needed} images per class, "
-                f"but class {split.class_names[smallest]!r} of split {split.name!r} has only "
-                f"{sizes[smallest]}; use k_shot + n_query <= {sizes[smallest]}"
-            )
+        if split.query_only is None:
+            needed = self.k_shot + self.n_query
+            sizes = [len(rows) for rows in split.class_indices]
+            smallest = int(np.argmin(sizes))
+            if sizes[smallest] < needed:
+                raise DataError(
+                    f"k_shot + n_query = {self.k_shot} + {self.n_query} = {needed} examples per class, "
+                    f"but class {split.class_names[smallest]!r} of split {split.name!r} has only "
+                    f"{sizes[smallest]}; use k_shot + n_query <= {sizes[smallest]}"
+                )
+        else:
+            for c in range(split.num_classes):
+                for pool, rows, want, key in zip(("support", "query"), split.pools(c),
+                                                 (self.k_shot, self.n_query), ("k_shot", "n_query")):
+                    if len(rows) < want:
+                        raise DataError(f"{key}={want} but class {split.class_names[c]!r} of split "
+                                        f"{split.name!r} has only {len(rows)} {pool} examples; use "
+                                        f"{key} <= {len(rows)}")
 
     def episode_indices(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Returns (classes [n_way], support rows [n_way*k_shot], query rows [n_way*n_query]).
@@ -160,10 +186,15 @@ class EpisodeSampler:
         classes = rng.choice(self.split.num_classes, size=self.n_way, replace=False)
         support, query = [], []
         for c in classes:
-            rows = self.split.class_indices[c]
-            picked = rows[rng.choice(len(rows), size=self.k_shot + self.n_query, replace=False)]
-            support.append(picked[: self.k_shot])
-            query.append(picked[self.k_shot :])
+            if self.split.query_only is None:
+                rows = self.split.class_indices[c]
+                picked = rows[rng.choice(len(rows), size=self.k_shot + self.n_query, replace=False)]
+                support.append(picked[: self.k_shot])
+                query.append(picked[self.k_shot :])
+            else:  # shots from the class's support pool, queries from its query pool
+                shots, queries = self.split.pools(c)
+                support.append(shots[rng.choice(len(shots), size=self.k_shot, replace=False)])
+                query.append(queries[rng.choice(len(queries), size=self.n_query, replace=False)])
         return classes, np.concatenate(support), np.concatenate(query)
 
     def episode(self, index: int) -> Episode:

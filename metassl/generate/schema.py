@@ -1,7 +1,9 @@
 """The Arrow format of generated episodes: one row per `EpisodeRecord`.
 
 Schema version 1 (schema metadata ``{"metassl.schema_version": "1"}``). For an episode with
-N = n_way, K = k_shot, Q = n_query, images of shape [C, H, W] and M SSL source images:
+N = n_way, K = k_shot, Q = n_query, items of shape S and M SSL source items. Items are images
+(float32, S = [C, H, W]) or texts (int64, S = [2, L]: token ids and attention mask); the
+table below shows images, and a text table has int64 x columns of the same layout:
 
 =================  ===========================================  ====================================
 column             Arrow type                                   meaning
@@ -22,6 +24,10 @@ ssl_x2 (optional)  fixed_shape_tensor(float32, [M, C, H, W])    second SimCLR vi
 rot_x (optional)   fixed_shape_tensor(float32, [M, C, H, W])    rotated images, null if absent
 rot_y (optional)   fixed_shape_tensor(int64, [M])               quarter turns 0..3, null if absent
 =================  ===========================================  ====================================
+
+For texts the pretext columns hold masked-language modelling instead of rotations: `rot_x`
+the masked items `[M, 2, L]`, `rot_y` int64 `[M, L]` the original ids at masked positions and
+-100 elsewhere (metassl.ssl.masking).
 
 The four SSL columns are present together or not at all (`ssl_m` None); when present, a
 row whose record lacks a view holds null there. Every row of one table has the same shapes.
@@ -59,11 +65,12 @@ INT32_MAX = 2**31 - 1
 
 
 def episode_schema(
-    x_shape: tuple, n_way: int, k_shot: int, n_query: int, ssl_m: int | None
+    x_shape: tuple, n_way: int, k_shot: int, n_query: int, ssl_m: int | None, text: bool = False
 ) -> pa.Schema:
-    """Returns the Arrow schema of episodes with images `x_shape` [C, H, W] (see module doc)."""
+    """Returns the Arrow schema of episodes with items `x_shape` (images [C, H, W]; `text`: [2, L] int64)."""
     image = [int(d) for d in x_shape]
-    images = lambda n: pa.fixed_shape_tensor(pa.float32(), [n, *image])  # noqa: E731
+    value = pa.int64() if text else pa.float32()
+    images = lambda n: pa.fixed_shape_tensor(value, [n, *image])  # noqa: E731
     labels = lambda n: pa.fixed_shape_tensor(pa.int64(), [n])  # noqa: E731
     fields = [pa.field(name, kind, nullable=False) for name, kind in SCALAR_COLUMNS.items()]
     fields += [
@@ -74,22 +81,25 @@ def episode_schema(
     ]
     if ssl_m is not None:
         fields += [pa.field(name, images(ssl_m)) for name in ("ssl_x1", "ssl_x2", "rot_x")]
-        fields.append(pa.field("rot_y", labels(ssl_m)))
+        targets = [ssl_m, image[-1]] if text else [ssl_m]  # texts: a target per token
+        fields.append(pa.field("rot_y", pa.fixed_shape_tensor(pa.int64(), targets)))
     return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
 def record_schema(record: EpisodeRecord, ssl_m: int | None) -> pa.Schema:
     """Returns the schema `record` is stored under, with `ssl_m` SSL images (None: no SSL columns)."""
     support_x = record.episode.support_x
-    if record.episode.batched or support_x.ndim != 4:
+    text = support_x.dtype == torch.int64
+    if record.episode.batched or support_x.ndim != (3 if text else 4):
         raise DataError(
-            f"episode {record.episode_id}: support_x must be an unbatched [N*K, C, H, W] tensor, "
-            f"got shape {list(support_x.shape)} (batched={record.episode.batched})"
+            f"episode {record.episode_id}: support_x must be an unbatched [N*K, C, H, W] float32 tensor "
+            f"(images) or [N*K, 2, L] int64 (texts), got {support_x.dtype} with shape "
+            f"{list(support_x.shape)} (batched={record.episode.batched})"
         )
     if len(record.episode.support_y) == 0:
         raise DataError(f"episode {record.episode_id}: support_y is empty; an episode needs labels")
     return episode_schema(
-        tuple(support_x.shape[1:]), record.n_way, record.k_shot, record.n_query, ssl_m
+        tuple(support_x.shape[1:]), record.n_way, record.k_shot, record.n_query, ssl_m, text
     )
 
 
@@ -148,8 +158,10 @@ def check_schema(schema: pa.Schema) -> None:
         raise DataError(
             f"episode table has SSL columns {present} but not all of {list(SSL_COLUMNS)}"
         )
+    x_type = schema.field("support_x").type if schema.get_field_index("support_x") >= 0 else None
+    text = isinstance(x_type, pa.FixedShapeTensorType) and x_type.value_type == pa.int64()
     for name in TENSOR_COLUMNS + tuple(present):
-        value = pa.int64() if name.endswith("_y") else pa.float32()
+        value = pa.int64() if name.endswith("_y") or text else pa.float32()
         _check_field(
             schema, name,
             lambda t, value=value: isinstance(t, pa.FixedShapeTensorType) and t.value_type == value,

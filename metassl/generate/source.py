@@ -230,14 +230,19 @@ class TrainingSource:
 
 def _check_shards_fit(cfg: Config, shards) -> None:
     """Raise ConfigError when episodes written by `metassl generate` do not fit this run's config."""
+    from metassl.config import is_text_config
+
     first = shards.record(0)
     ep = cfg.episodes
-    want = (ep.n_way, ep.k_shot, ep.n_query, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    got = (first.n_way, first.k_shot, first.n_query, *first.episode.support_x.shape[1:])
+    item = (2, cfg.data.max_tokens) if is_text_config(cfg) else (cfg.data.channels, cfg.data.image_size,
+                                                                 cfg.data.image_size)
+    want = (ep.n_way, ep.k_shot, ep.n_query, str(torch.int64 if is_text_config(cfg) else torch.float32), *item)
+    x = first.episode.support_x
+    got = (first.n_way, first.k_shot, first.n_query, str(x.dtype), *x.shape[1:])
     if want != got:
         raise ConfigError(f"generator.shards={cfg.generator.shards!r} holds {got[0]}-way {got[1]}-shot "
-                          f"{got[2]}-query episodes of {list(got[3:])} images, but the config asks for "
-                          f"{want[0]}-way {want[1]}-shot {want[2]}-query of {list(want[3:])}")
+                          f"{got[2]}-query episodes of {got[3]} {list(got[4:])} items, but the config asks for "
+                          f"{want[0]}-way {want[1]}-shot {want[2]}-query of {want[3]} {list(want[4:])}")
     if cfg.objective.ssl_weight > 0 and first.ssl_x1 is None:
         raise ConfigError(f"objective.ssl_weight={cfg.objective.ssl_weight} but generator.shards="
                           f"{cfg.generator.shards!r} has no SSL views (generate them with generator.ssl_views=true)")

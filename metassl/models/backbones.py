@@ -1,4 +1,4 @@
-"""Conv-4 and MLP backbones.
+"""Conv-4 and MLP backbones (the text Transformer is in transformer.py).
 
 Both are plain `nn.Module`s; meta-learners never mutate them but run them with
 `torch.func.functional_call` on a dict of parameters.
@@ -156,10 +156,20 @@ def build_model(
     image_size: int = 28,
     mlp_hidden: Sequence[int] = (40, 40),
     support_statistics: bool = False,
+    text: dict | None = None,
 ) -> nn.Module:
-    """Return a fresh backbone by name (`conv4` or `mlp`); see Conv4 for `support_statistics`."""
+    """Return a fresh backbone by name (`conv4`, `mlp` or `transformer`); see Conv4 for `support_statistics`.
+
+    `text` holds the Transformer's settings: vocab_size, max_tokens, layers, heads, dropout.
+    """
+    if backbone == "transformer":
+        from metassl.models.transformer import TextTransformer
+
+        if not text:
+            raise ConfigError("model.backbone='transformer' reads texts: use a text dataset (clinc150, text:PATH)")
+        return TextTransformer(hidden=hidden, out_features=out_features, **text)
     if backbone == "conv4":
         return Conv4(in_channels, hidden, norm, out_features, image_size, support_statistics)
     if backbone == "mlp":
         return MLP(1, tuple(mlp_hidden), out_features or 1)
-    raise ConfigError(f"model.backbone={backbone!r} is not one of ['conv4', 'mlp']")
+    raise ConfigError(f"model.backbone={backbone!r} is not one of ['conv4', 'mlp', 'transformer']")
