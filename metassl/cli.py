@@ -105,7 +105,7 @@ def _generate(args) -> int:
     cfg = config.load(args.config, args.set)
     if cfg.generator.kind == "labelled":
         raise config.ConfigError("generator.kind='labelled' samples true classes; set generator.kind "
-                                 "to 'augment', 'cluster', 'generative' or 'mix' to generate episodes")
+                                 "to 'augment', 'cluster', 'generative', 'mix' or 'smlmt' to generate episodes")
     images = load_unlabelled(cfg)
     actors = cfg.generator.actors if cfg.generator.actors >= 0 else os.cpu_count() or 1  # auto: one per CPU
     if actors > 0:
@@ -125,6 +125,9 @@ def _generate(args) -> int:
             writer.write(make(start, count))
     if hasattr(source, "close"):
         source.close()
+    if getattr(images, "tokenizer_json", None):  # text: the vocabulary the episodes were encoded with
+        from metassl.registry import save_tokenizer
+        save_tokenizer(images.tokenizer_json, args.out)
     seconds = time.perf_counter() - t0
     _log(f"wrote {args.episodes} {cfg.generator.kind} episodes to {args.out} in {seconds:.1f} s "
          f"({args.episodes / seconds:.1f} episodes/s)")

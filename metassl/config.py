@@ -87,6 +87,7 @@ class ObjectiveConfig:
     """The combined objective `meta_loss + ssl_weight * ssl_loss` (SSL needs generator.ssl_views)."""
 
     ssl_weight: float = 0.0  # 0: meta-learning loss only
+    meta_weight: float = 1.0  # weight of the meta-learning loss (0: an ablation trained on the SSL loss alone)
     simclr: float = 1.0  # weight of NT-Xent on two views inside ssl_loss
     rotation: float = 1.0  # weight of rotation prediction inside ssl_loss (images)
     mlm: float = 1.0  # weight of masked-language modelling inside ssl_loss (texts)
@@ -309,7 +310,7 @@ NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
                 "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
                 "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise",
-                "objective.mlm", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences"]
+                "objective.mlm", "objective.meta_weight", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences"]
 
 
 def _get(cfg: Config, key: str):
@@ -482,6 +483,8 @@ def _validate(cfg: Config) -> None:
     if cfg.objective.ssl_weight > 0 and not cfg.generator.ssl_views:
         raise ConfigError(f"objective.ssl_weight={cfg.objective.ssl_weight} needs SSL views: set "
                           "generator.ssl_views=true (with a generator.kind other than labelled)")
+    if cfg.objective.meta_weight == 0 and cfg.objective.ssl_weight == 0:
+        raise ConfigError("objective.meta_weight=0 and objective.ssl_weight=0 leave nothing to train on")
     if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
         raise ConfigError("generator.ssl_views=true needs generator.kind 'augment', 'cluster', 'generative', 'mix' "
                           "or 'smlmt'")

@@ -126,9 +126,11 @@ def _sub(params: Params, prefix: str) -> Params:
 
 
 def combined_gradients(out: MetaOutput, ssl: torch.Tensor | None, ssl_weight: float,
-                       params: Params, head_params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Meta-gradients of `meta_loss + ssl_weight * ssl_loss` for the backbone and the SSL heads.
+                       params: Params, head_params: Params,
+                       meta_weight: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Meta-gradients of `meta_weight * meta_loss + ssl_weight * ssl_loss` for the backbone and the SSL heads.
 
+    `meta_weight` is 1 except in ablations that train on the SSL loss alone (0).
     The meta part is the learner's pseudo-gradient when it gives one (Reptile),
     else `d meta_loss / d params`; the SSL part is always a true gradient. One
     backward pass covers both parts when the learner has a differentiable loss.
@@ -136,10 +138,11 @@ def combined_gradients(out: MetaOutput, ssl: torch.Tensor | None, ssl_weight: fl
     names, heads = list(params), list(head_params.values())
     use_ssl = ssl is not None and ssl_weight != 0
     if out.grads is None:
-        loss = out.loss + ssl_weight * ssl if use_ssl else out.loss
+        meta = out.loss if meta_weight == 1 else meta_weight * out.loss
+        loss = meta + ssl_weight * ssl if use_ssl else meta
         g = _grads(loss, [params[k] for k in names] + (heads if use_ssl else []))
         return g[: len(names)], g[len(names):] if use_ssl else [torch.zeros_like(h) for h in heads]
-    meta = [out.grads[k] for k in names]
+    meta = [meta_weight * out.grads[k] for k in names]
     if not use_ssl:
         return meta, [torch.zeros_like(h) for h in heads]
     g = _grads(ssl_weight * ssl, [params[k] for k in names] + heads)

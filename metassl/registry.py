@@ -150,32 +150,45 @@ def tokenizer_stage(cfg: Config, run_dir: str) -> Config:
     located = tokenizer_location(cfg, run_dir)
     if located is cfg:
         return cfg
-    location = located.data.tokenizer
-    if read_text(location) is None:
-        tok = text_tokenizer(cfg)
-        if is_uri(location):
-            import tempfile
-            with tempfile.TemporaryDirectory() as tmp:
-                tok.save(Path(tmp) / TOKENIZER_FILE)
-                upload(Path(tmp) / TOKENIZER_FILE, location)
-        else:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            partial = Path(run_dir) / (TOKENIZER_FILE + ".part")
-            tok.save(partial)
-            partial.replace(Path(location))
+    if read_text(located.data.tokenizer) is None:
+        if cfg.generator.shards:
+            raise DataError(f"generator.shards={cfg.generator.shards!r} has no {TOKENIZER_FILE} (the vocabulary its "
+                            "text episodes were encoded with); set data.tokenizer to it, or write the shards again "
+                            "with `metassl generate`")
+        save_tokenizer(text_tokenizer(cfg).to_json(), run_dir)
     text_tokenizer(located)  # a damaged file fails here, before any worker starts
     return located
 
 
 def tokenizer_location(cfg: Config, run_dir: str) -> Config:
-    """`cfg` as `tokenizer_stage` will return it (nothing is read or written): what a re-run compares."""
+    """`cfg` as `tokenizer_stage` will return it (nothing is read or written): what a re-run compares.
+
+    A run on episodes written by `metassl generate` (`generator.shards`) reads the vocabulary
+    they were encoded with, saved beside them."""
     if not is_text_config(cfg) or cfg.data.tokenizer is not None:
         return cfg
     import dataclasses
 
-    run_dir = str(run_dir)
-    location = storage_join(run_dir, TOKENIZER_FILE) if is_uri(run_dir) else str(Path(run_dir).resolve() / TOKENIZER_FILE)
+    folder = str(cfg.generator.shards or run_dir)
+    location = storage_join(folder, TOKENIZER_FILE) if is_uri(folder) else str(Path(folder).resolve() / TOKENIZER_FILE)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=location))
+
+
+def save_tokenizer(text: str, folder: str) -> str:
+    """Write a tokenizer's JSON as `folder/tokenizer.json` (a local folder or a storage URI); return where."""
+    folder = str(folder)
+    if is_uri(folder):
+        import tempfile
+        location = storage_join(folder, TOKENIZER_FILE)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / TOKENIZER_FILE).write_text(text, encoding="utf-8")
+            upload(Path(tmp) / TOKENIZER_FILE, location)
+        return location
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    partial = Path(folder) / (TOKENIZER_FILE + ".part")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(Path(folder) / TOKENIZER_FILE)
+    return str(Path(folder).resolve() / TOKENIZER_FILE)
 
 
 def _training_text(cfg: Config) -> str | None:

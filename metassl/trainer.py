@@ -379,8 +379,10 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                                   gather=distributed.gather_rows)  # NT-Xent negatives: the whole meta-batch
             metrics.update(parts, ssl_loss=float(ssl.detach()))
         metrics["meta_loss"] = float(out.loss.detach())
-        grads, head_grads = combined_gradients(out, ssl, cfg.objective.ssl_weight, params, head_params)
-        total = out.loss + cfg.objective.ssl_weight * ssl if ssl is not None else out.loss
+        grads, head_grads = combined_gradients(out, ssl, cfg.objective.ssl_weight, params, head_params,
+                                               cfg.objective.meta_weight)
+        meta = cfg.objective.meta_weight * out.loss
+        total = meta + cfg.objective.ssl_weight * ssl if ssl is not None else meta
         flag = guard.flag(total, grads + head_grads)
         *grads, flag = distributed.average_gradients(grads + head_grads + [flag.to(grads[0])])
         grad_norm = NonFiniteGuard.norm(grads)  # of the averaged meta-gradient (backbone and heads)
@@ -537,6 +539,24 @@ def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> d
     return result
 
 
+def _run_tokenizer(cfg: Config, checkpoint_path: Path) -> Config:
+    """A text run's config with `data.tokenizer` read from the run directory the checkpoint is in
+    when the recorded file is not where it was (a run directory copied or moved elsewhere)."""
+    import dataclasses
+
+    from metassl.registry import TOKENIZER_FILE
+
+    recorded = cfg.data.tokenizer
+    if not is_text_config(cfg) or (recorded is not None and (is_uri(recorded) or Path(recorded).is_file())):
+        return cfg
+    for folder in (checkpoint_path.parent, checkpoint_path.parent.parent):
+        if (folder / TOKENIZER_FILE).is_file():
+            return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder / TOKENIZER_FILE)))
+    raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} is of a text run, but its vocabulary ("
+                          f"{recorded or TOKENIZER_FILE}) is not there nor beside the checkpoint; copy the run's "
+                          f"{TOKENIZER_FILE} into the run directory")
+
+
 def load_trained(path: str | Path):
     """Return `(cfg, learner, model, params, buffers, state)` from a run directory or checkpoint.
 
@@ -546,11 +566,13 @@ def load_trained(path: str | Path):
         store = RunStore(path)
         store.pull()
         path = store.local
-    state = checkpoint.load(checkpoint.resolve(path))
+    resolved = checkpoint.resolve(path)
+    state = checkpoint.load(resolved)
     try:
         cfg = from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {e}") from None
+    cfg = _run_tokenizer(cfg, Path(resolved))
     learner = build_learner(cfg)
     model = build_backbone(cfg, learner)
     expected = dict(model.named_parameters())

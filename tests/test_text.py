@@ -296,3 +296,34 @@ def test_two_ray_workers_equal_one_process_on_text(corpus_file, tmp_path):
     c = checkpoint.load(checkpoint.step_path(tmp_path / "one", 1))["params"]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-4  # the comparison can fail
+
+
+def test_generated_text_shards_carry_their_vocabulary_and_train_a_run(corpus_file, tmp_path):
+    from metassl.cli import main
+
+    cfg_file = tmp_path / "text.yaml"
+    config.dump(text_cfg(corpus_file, "train.steps=2"), cfg_file)
+    shards = tmp_path / "shards"
+    assert main(["generate", str(cfg_file), "--out", str(shards), "--episodes", "8",
+                 "--episodes-per-shard", "4"]) == 0
+    assert (shards / "tokenizer.json").is_file()
+    run = tmp_path / "run"
+    run_local(text_cfg(corpus_file, "train.steps=2", f"generator.shards={shards}"), run, log=_quiet)
+    assert config.load(run / "config.yaml").data.tokenizer == str((shards / "tokenizer.json").resolve())
+    (shards / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="has no tokenizer.json"):
+        run_local(text_cfg(corpus_file, "train.steps=2", f"generator.shards={shards}"), tmp_path / "r2", log=_quiet)
+
+
+def test_a_moved_text_run_evaluates_with_the_vocabulary_beside_it(corpus_file, tmp_path):
+    import shutil
+
+    from metassl.trainer import load_trained
+
+    run_local(text_cfg(corpus_file, "train.steps=2"), tmp_path / "a", log=_quiet)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    cfg, *_ = load_trained(tmp_path / "b")
+    assert cfg.data.tokenizer == str(tmp_path / "b" / "tokenizer.json")
+    (tmp_path / "b" / "tokenizer.json").unlink()
+    with pytest.raises(Exception, match="vocabulary"):
+        load_trained(tmp_path / "b")

@@ -1,0 +1,124 @@
+"""Few-shot intent classification on CLINC150's meta-test intents: baselines and learned encoders.
+
+    python experiments/bench_text.py tfidf [--class-split primary|domain_disjoint]
+    python experiments/bench_text.py eval RUN [RUN ...] [--untrained]
+
+`tfidf`: the bag-of-words baseline of the protocols document, re-measured: word TF-IDF
+(scikit-learn, lower case, word unigrams) fitted on the meta-train intents' text only; each
+episode's support texts are averaged per class into prototypes, and each query goes to the
+nearest prototype by cosine similarity.
+
+`eval`: the best checkpoint of each run directory (`metassl train` of a text config),
+evaluated on the same episodes; `--untrained` adds the network as its config initialises it
+(the random-init encoder: same architecture, no training).
+
+All methods see the same episodes: support from an intent's `train` utterances, 15 queries
+from its `test` utterances, 5-way and 10-way, 1 and 5 shots, 1000 episodes of seed 0
+(`EpisodeSampler`: episode i depends only on the split, the shape and the seed). Prints a
+markdown table (mean +- 95% CI, 1.96 std / sqrt(episodes)).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAPES = [(5, 1), (5, 5), (10, 1), (10, 5)]
+QUERIES, EPISODES, SEED = 15, 1000, 0
+
+
+def shared_clinc() -> str:
+    here = Path(__file__).resolve().parents[1]
+    for base in (os.environ.get("METASSL_SHARED_DATA"), here.parent / "shared" / "data"):
+        if base and (Path(base) / "clinc150" / "data_full.json").is_file():
+            return str(Path(base) / "clinc150")
+    sys.exit("CLINC150 not found: set METASSL_SHARED_DATA to the folder holding clinc150/")
+
+
+def ci(values) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    return f"{100 * values.mean():.2f} ± {100 * 1.96 * values.std(ddof=1) / np.sqrt(len(values)):.2f}"
+
+
+def tfidf(class_split: str, folder: str) -> list[str]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from metassl.data.episodes import EpisodeSampler, FewShotSplit
+    from metassl.data.text import read_split
+
+    spec = f"clinc150:{folder}"
+    train = read_split(spec, "train", class_split=class_split)
+    test = read_split(spec, "test", class_split=class_split)
+    vectorizer = TfidfVectorizer(lowercase=True).fit(train.texts)
+    features = vectorizer.transform(test.texts).toarray().astype(np.float32)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    rows = torch.zeros(len(test.texts), 2, 1, dtype=torch.int64)  # the sampler reads labels and pools only
+    split = FewShotSplit(rows, torch.from_numpy(test.labels.astype(np.int64)), test.class_names, test.name,
+                         test.query_only)
+    cells = []
+    for n_way, k_shot in SHAPES:
+        sampler = EpisodeSampler(split, n_way, k_shot, QUERIES, seed=SEED)
+        accs = []
+        for i in range(EPISODES):
+            _, support, query = sampler.episode_indices(i)
+            protos = features[support].reshape(n_way, k_shot, -1).mean(1)
+            protos /= np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+            guess = (features[query] @ protos.T).argmax(1)
+            accs.append(float((guess == np.repeat(np.arange(n_way), QUERIES)).mean()))
+        cells.append(ci(accs))
+    return cells
+
+
+def learned(run: str, untrained: bool) -> list[tuple[str, list[str]]]:
+    from metassl.evaluation import evaluate_model
+    from metassl.registry import build_backbone
+    from metassl.trainer import load_trained
+
+    cfg, learner, model, params, buffers, state = load_trained(run)
+    versions = [(f"{Path(run).name} (step {state['step']})", params, buffers)]
+    if untrained:
+        fresh = build_backbone(cfg, learner)
+        versions.append((f"{Path(run).name}: untrained", dict(fresh.named_parameters()),
+                         dict(fresh.named_buffers())))
+    rows = []
+    for label, p, b in versions:
+        cells = []
+        for n_way, k_shot in SHAPES:
+            res = evaluate_model(cfg, learner, model, {k: v.detach() for k, v in p.items()}, b, split="test",
+                                 episodes=EPISODES, seed=SEED, n_way=n_way, k_shot=k_shot, n_query=QUERIES)
+            cells.append(f"{100 * res.mean:.2f} ± {100 * res.ci95:.2f}")
+        rows.append((label, cells))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("tfidf")
+    t.add_argument("--class-split", default="primary", choices=["primary", "domain_disjoint"])
+    e = sub.add_parser("eval")
+    e.add_argument("runs", nargs="+")
+    e.add_argument("--untrained", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"{datetime.date.today()}; {EPISODES} episodes, seed {SEED}, {QUERIES} queries per class")
+    print("| method | 5w1s | 5w5s | 10w1s | 10w5s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    if args.what == "tfidf":
+        cells = tfidf(args.class_split, shared_clinc())
+        print(f"| TF-IDF nearest prototype ({args.class_split} split) | " + " | ".join(cells) + " |")
+        return
+    for run in args.runs:
+        for label, cells in learned(run, args.untrained):
+            print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
