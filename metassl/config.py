@@ -63,6 +63,7 @@ class ModelConfig:
     layers: int = 2  # Transformer blocks
     heads: int = 4  # Transformer attention heads (hidden must be a multiple)
     dropout: float = 0.1  # Transformer dropout (also what makes SimCSE's two views differ)
+    pooling: str = "mean"  # Transformer: mean | attention (a learned softmax weight per token)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class SmlmtConfig:
     min_sentences: int = 0  # a word makes a class when at least this many sentences hold it (0: k_shot + n_query)
     mlm_prob: float = 0.15  # masked-language-modelling view: share of the real word pieces masked
     ssl_texts: int = 32  # texts per episode in the SSL views (SimCSE pairs, masked-token view)
+    word_dropout: float = 0.0  # SimCSE views: each drops each word with this probability (0: dropout only)
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,7 @@ class Config:
 CHOICES = {
     "model.backbone": ("conv4", "mlp", "transformer"),
     "data.class_split": ("primary", "domain_disjoint"),
+    "model.pooling": ("mean", "attention"),
     "model.norm": ("layer", "group", "batch", "batch_transductive", "none"),
     "learner.name": ("maml", "fomaml", "reptile", "protonet", "matchingnet"),
     "optim.optimizer": ("adam", "sgd"),
@@ -520,6 +523,8 @@ def _validate_text(cfg: Config) -> None:
     text, g = is_text_config(cfg), cfg.generator
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if not 0 <= g.smlmt.word_dropout < 1:
+        raise ConfigError(f"generator.smlmt.word_dropout={g.smlmt.word_dropout} must be in [0, 1)")
     if not 0 < g.smlmt.mlm_prob < 1:
         raise ConfigError(f"generator.smlmt.mlm_prob={g.smlmt.mlm_prob} must be in (0, 1)")
     if g.smlmt.ssl_texts < 2 and g.ssl_views:

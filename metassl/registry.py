@@ -60,7 +60,8 @@ def text_settings(cfg: Config) -> dict | None:
     if not is_text_config(cfg):
         return None
     d, m = cfg.data, cfg.model
-    return dict(vocab_size=d.vocab_size, max_tokens=d.max_tokens, layers=m.layers, heads=m.heads, dropout=m.dropout)
+    return dict(vocab_size=d.vocab_size, max_tokens=d.max_tokens, layers=m.layers, heads=m.heads, dropout=m.dropout,
+                pooling=m.pooling)
 
 
 def has_inner_loop(cfg: Config) -> bool:

@@ -229,11 +229,13 @@ def test_text_episodes_round_trip_through_parquet_bit_for_bit(corpus_file, tmp_p
 
 # --- the backbone and text runs -----------------------------------------------------------
 
-def test_the_transformer_ignores_padding():
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_the_transformer_ignores_padding(pooling):
     from metassl.models.transformer import TextTransformer
 
     torch.manual_seed(0)
-    model = TextTransformer(vocab_size=50, max_tokens=12, hidden=16, layers=2, heads=2, dropout=0.0).eval()
+    model = TextTransformer(vocab_size=50, max_tokens=12, hidden=16, layers=2, heads=2, dropout=0.0,
+                            pooling=pooling).eval()
     ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0, 0]])
     mask = (ids != 0).long()
     short = torch.stack([ids, mask], 1)
@@ -327,3 +329,21 @@ def test_a_moved_text_run_evaluates_with_the_vocabulary_beside_it(corpus_file, t
     (tmp_path / "b" / "tokenizer.json").unlink()
     with pytest.raises(Exception, match="vocabulary"):
         load_trained(tmp_path / "b")
+
+
+def test_word_dropout_views_keep_a_word_and_are_a_function_of_the_episode(corpus_file):
+    import dataclasses
+
+    from metassl.generate.smlmt import SMLMTEpisodes
+    from metassl.registry import load_unlabelled
+
+    cfg = text_cfg(corpus_file)
+    corpus = load_unlabelled(cfg)
+    settings = dataclasses.replace(cfg.generator.smlmt, word_dropout=0.5, ssl_texts=8)
+    source = SMLMTEpisodes(corpus, 3, 1, 1, settings, seed=2, ssl_views=True)
+    a, b = source.record(3), source.record(3)
+    assert torch.equal(a.ssl_x1, b.ssl_x1) and torch.equal(a.ssl_x2, b.ssl_x2)
+    assert not torch.equal(a.ssl_x1, a.ssl_x2)
+    real = lambda x: (x[:, 1].sum(1) - 2)  # noqa: E731  word pieces besides [CLS] and [SEP]
+    assert (real(a.ssl_x1) >= 1).all() and (real(a.ssl_x2) >= 1).all()
+    assert (real(a.ssl_x1) <= real(a.rot_x)).all()  # views only drop words

@@ -14,8 +14,10 @@ as "what" or "my" say little about a text).
 Episode i depends only on (seed, i) and the corpus: `np.random.default_rng([seed, i])` picks
 the words and sentences, then the seed of the torch.Generator that draws the SSL views. With
 `ssl_views`, a record also carries `ssl_texts` corpus sentences for the self-supervised
-terms: `ssl_x1`/`ssl_x2` the same items twice (SimCSE: the two views differ by dropout) and
-`rot_x`/`rot_y` their masked-language-modelling view and targets (metassl.ssl.masking).
+terms: `ssl_x1`/`ssl_x2` two views of them (SimCSE: the two passes differ by dropout; with
+`smlmt.word_dropout` p > 0 each view also drops each word with probability p, keeping at
+least one) and `rot_x`/`rot_y` their masked-language-modelling view and targets
+(metassl.ssl.masking).
 """
 from __future__ import annotations
 
@@ -90,12 +92,26 @@ class SMLMTEpisodes(RecordSource):
             generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
             picked = rng.choice(len(self.sentences), size=min(self.settings.ssl_texts, len(self.sentences)),
                                 replace=False)
-            texts = self.tokenizer.encode_words([self.sentences[r] for r in picked])
+            sentences = [self.sentences[r] for r in picked]
+            texts = self.tokenizer.encode_words(sentences)
             mlm_x, mlm_y = mlm_view(texts, self.settings.mlm_prob, self.tokenizer.vocab_size, generator)
-            ssl = (texts, texts.clone(), mlm_x, mlm_y)
+            p = self.settings.word_dropout
+            if p:
+                x1, x2 = (self.tokenizer.encode_words([_drop_words(s, p, rng) for s in sentences]) for _ in range(2))
+            else:
+                x1, x2 = texts, texts.clone()
+            ssl = (x1, x2, mlm_x, mlm_y)
         return make_record(index, "smlmt", episode_seed(self.seed, index), episode, 0, ssl)
 
     def word_of(self, index: int) -> list[str]:
         """The words episode `index` masks, in label order (for reports and tests)."""
         rng = np.random.default_rng([self.seed, check_int("episode index", index, 0)])
         return [self.words[j] for j in rng.choice(len(self.words), size=self.n_way, replace=False)]
+
+
+def _drop_words(words: list[str], p: float, rng: np.random.Generator) -> list[str]:
+    """`words` with each dropped with probability `p`; at least one is kept."""
+    keep = rng.random(len(words)) >= p
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return [w for w, k in zip(words, keep) if k]

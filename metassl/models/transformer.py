@@ -3,8 +3,10 @@
 Input: `[batch, 2, L]` int64 items (row 0 token ids, row 1 attention mask; see
 metassl.data.tokenizer). Token embeddings plus learned position embeddings go through
 `layers` pre-norm blocks (x + attention(LN(x)), then x + MLP(LN(x)), GELU, 4x width), a final
-LayerNorm, and masked mean pooling over the real tokens. Padding never enters attention
-(its keys are masked) nor the pooled embedding. `features` is the encoder: `forward(x)` gives
+LayerNorm, and pooling over the real tokens: their mean (`pooling="mean"`), or a weighted
+mean whose weights are a softmax of a learned score of each state (`"attention"`: the model
+can learn which words matter, as IDF weighting does for bags of words). Padding never enters
+attention (its keys are masked) nor the pooled embedding. `features` is the encoder: `forward(x)` gives
 the pooled embedding `[batch, hidden]`, `forward(x, tokens=True)` the per-token states
 `[batch, L, hidden]` (what masked-language modelling predicts from). With `out_features`
 a linear head follows, as on Conv-4.
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metassl.errors import ConfigError
+
+
+POOLINGS = ("mean", "attention")
 
 
 class Block(nn.Module):
@@ -43,8 +48,11 @@ class Block(nn.Module):
 class TextEncoder(nn.Module):
     """Token and position embeddings, pre-norm blocks, final LayerNorm, masked mean pooling."""
 
-    def __init__(self, vocab_size: int, max_tokens: int, dim: int, layers: int, heads: int, dropout: float):
+    def __init__(self, vocab_size: int, max_tokens: int, dim: int, layers: int, heads: int, dropout: float,
+                 pooling: str = "mean"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling={pooling!r} is not one of {list(POOLINGS)}")
         if dim % heads:
             raise ConfigError(f"model.hidden={dim} must be a multiple of model.heads={heads}")
         self.dropout = dropout
@@ -54,6 +62,7 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.positions, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
+        self.score = nn.Linear(dim, 1) if pooling == "attention" else None
 
     def forward(self, x: torch.Tensor, tokens: bool = False) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]
@@ -68,6 +77,9 @@ class TextEncoder(nn.Module):
         h = self.norm(h)
         if tokens:
             return h
+        if self.score is not None:
+            scores = self.score(h).squeeze(-1).masked_fill(mask == 0, float("-inf"))
+            return (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(1)
         weights = mask.to(h.dtype).unsqueeze(-1)
         return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
@@ -76,9 +88,9 @@ class TextTransformer(nn.Module):
     """`features` (a TextEncoder) and, with `out_features`, a linear classifier head."""
 
     def __init__(self, vocab_size: int, max_tokens: int, hidden: int = 128, layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, out_features: int | None = None):
+                 dropout: float = 0.1, out_features: int | None = None, pooling: str = "mean"):
         super().__init__()
-        self.features = TextEncoder(vocab_size, max_tokens, hidden, layers, heads, dropout)
+        self.features = TextEncoder(vocab_size, max_tokens, hidden, layers, heads, dropout, pooling)
         self.embedding_dim = hidden
         self.head = nn.Linear(hidden, out_features) if out_features else None
 
