@@ -99,12 +99,17 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
         total = total + weights.simclr * loss
     if rot_x.dtype == torch.int64:  # texts: masked-language modelling
         picked = rot_y != -100
-        if weights.mlm and picked.any():  # a batch of very short texts may have no piece masked
+        count = picked.sum().to(torch.float32)
+        # the mean over every worker's masked pieces: each worker's sum over the pieces of all
+        # workers (times the workers, since their gradients are averaged)
+        counts = count.reshape(1, 1) if gather is None else gather(count.reshape(1, 1))[0]  # a collective
+        share = counts.sum() / len(counts)
+        if weights.mlm and share > 0:  # a batch of very short texts may have no piece masked
             states = token_states(model, params, _scratch(buffers), rot_x)
             logits = forward(heads.mlm, _sub(head_params, "mlm."), {}, states[picked])
-            loss = torch.nn.functional.cross_entropy(logits, rot_y[picked])
+            loss = torch.nn.functional.cross_entropy(logits, rot_y[picked], reduction="sum") / share
             parts["mlm_loss"] = float(loss.detach())
-            parts["mlm_acc"] = float((logits.argmax(-1) == rot_y[picked]).float().mean())
+            parts["mlm_acc"] = float((logits.argmax(-1) == rot_y[picked]).float().mean()) if count else 0.0
             total = total + weights.mlm * loss
     elif weights.rotation:
         embedded = features(model, params, _scratch(buffers), rot_x)

@@ -24,13 +24,20 @@ POOLINGS = ("mean", "attention")
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer block."""
+    """One pre-norm Transformer block.
+
+    Queries and values have a bias, keys none: a key bias adds the same amount to every score
+    of a query, which softmax ignores, so its true gradient is zero and Adam would only
+    amplify rounding noise into it (and make runs differ by how the batch was split).
+    """
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
         self.out = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.up = nn.Linear(dim, 4 * dim)
@@ -38,7 +45,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, length, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = self.qkv(self.norm1(x)) + bias
+        q, k, v = qkv.view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         # keep [b, 1, 1, L]: padding keys get no attention
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
         x = x + F.dropout(self.out(att.transpose(1, 2).reshape(b, length, dim)), self.dropout, self.training)
