@@ -80,6 +80,7 @@ class LearnerConfig:
     # MAML: every task's inner loop starts from a zero head as wide as the episode (the zeroing
     # trick), so one model adapts to any N-way and classes are not tied to output units
     zero_head: bool = False
+    head_only: bool = False  # MAML: adapt the classifier head alone in the inner loop (ANIL); the body learns outside
     matching_scale: float = 1.0  # Matching Nets: cosine similarities are multiplied by this
 
 
@@ -449,6 +450,8 @@ def _validate(cfg: Config) -> None:
     if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
                           f"got {cfg.learner.name!r}")
+    if cfg.learner.head_only and cfg.learner.name not in ("maml", "fomaml"):
+        raise ConfigError(f"learner.head_only=true (ANIL) is for learner.name 'maml' or 'fomaml', got {cfg.learner.name!r}")
     if cfg.learner.zero_head and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.zero_head=true is for learner.name 'maml' or 'fomaml', got {cfg.learner.name!r}")
     if cfg.learner.zero_head and cfg.learner.learn_inner_lr:

@@ -324,3 +324,34 @@ def test_zero_head_predictions_follow_the_labels_and_serve_any_n_way():
     grads = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)))
     assert grads["head.weight"] is None and grads["head.bias"] is None
     assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if not k.startswith("head."))
+
+
+def _classification_batch(tasks=2, n_way=3, k=1, q=2, side=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eps = [Episode(torch.randn(n_way * k, 1, side, side, generator=g, dtype=torch.float64),
+                   torch.arange(n_way).repeat_interleave(k),
+                   torch.randn(n_way * q, 1, side, side, generator=g, dtype=torch.float64),
+                   torch.arange(n_way).repeat_interleave(q)) for _ in range(tasks)]
+    return stack_episodes(eps)
+
+
+def test_head_only_maml_adapts_the_head_alone_and_vmap_agrees():
+    from metassl.models import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(1, hidden=4, norm="none", out_features=3, image_size=16).double()
+    params, batch = _params(model), _classification_batch()
+    adapted = adapt(model, params, {}, batch.support_x[0], batch.support_y[0], inner_lr=0.5, steps=2, only="head.")
+    for k, v in params.items():
+        assert (adapted[k] is v) != k.startswith("head."), k  # the body is the very same tensors
+    loop = MAML(inner_lr=0.5, inner_steps=2, head_only=True).meta_step(model, params, {}, batch)
+    vect = MAML(inner_lr=0.5, inner_steps=2, head_only=True, vectorize=True).meta_step(model, params, {}, batch)
+    full = MAML(inner_lr=0.5, inner_steps=2).meta_step(model, params, {}, batch)
+    torch.testing.assert_close(loop.loss, vect.loss)
+    assert not torch.allclose(loop.loss, full.loss)
+    grads = [torch.autograd.grad(o.loss, list(params.values())) for o in (loop, vect)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert all(float(g.abs().sum()) > 0 for g in grads[0])  # the body learns in the outer loop
+    meta_sgd = MAML(inner_lr=0.5, head_only=True, learn_inner_lr=True)
+    assert sorted(meta_sgd.extra_params(params)) == ["inner_lr.head.bias", "inner_lr.head.weight"]

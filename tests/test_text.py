@@ -347,3 +347,16 @@ def test_word_dropout_views_keep_a_word_and_are_a_function_of_the_episode(corpus
     real = lambda x: (x[:, 1].sum(1) - 2)  # noqa: E731  word pieces besides [CLS] and [SEP]
     assert (real(a.ssl_x1) >= 1).all() and (real(a.ssl_x2) >= 1).all()
     assert (real(a.ssl_x1) <= real(a.rot_x)).all()  # views only drop words
+
+
+@pytest.mark.parametrize("learner", [
+    ["learner.name=protonet"], ["learner.name=matchingnet"],
+    ["learner.name=maml", "learner.head_only=true"],  # ANIL: the head adapts, the Transformer learns outside
+    ["learner.name=maml", "learner.zero_head=true", "learner.head_only=true"],
+    ["learner.name=fomaml"],  # the whole network adapts
+    ["learner.name=maml", "learner.learn_inner_lr=true", "learner.head_only=true"],  # Meta-SGD on the head
+], ids=lambda x: "+".join(v.split("=", 1)[1] for v in x))
+def test_every_learner_meta_trains_the_transformer(corpus_file, tmp_path, learner):
+    result = run_local(text_cfg(corpus_file, "train.steps=2", "train.val_every=0", "eval.episodes=4",
+                                "learner.inner_lr=0.1", *learner), tmp_path, log=_quiet)
+    assert 0 <= result["test"]["mean"] <= 1 and result["steps"] == 2

@@ -80,7 +80,8 @@ def split_inner_lr(params: Params, default: float, detach: bool = False) -> tupl
     weights = {k: v for k, v in params.items() if not k.startswith(INNER_LR)}
     if len(weights) == len(params):
         return weights, default
-    return weights, {k: params[INNER_LR + k].detach() if detach else params[INNER_LR + k] for k in weights}
+    return weights, {k: params[INNER_LR + k].detach() if detach else params[INNER_LR + k] for k in weights
+                     if INNER_LR + k in params}
 
 
 def sgd_step(params: Params, grads: Params | tuple, lr: float | Params) -> Params:
@@ -104,17 +105,23 @@ def adapt(
     inner_lr: float | Params,
     steps: int,
     first_order: bool = False,
+    only: str | None = None,
 ) -> Params:
     """Return the parameters after `steps` SGD steps on the loss of `(x, y)`.
 
     With `first_order=False` the graph through each step is kept (`create_graph`),
     so the result stays differentiable w.r.t. `params` to second order. With
-    `first_order=True` the inner gradients are treated as constants.
+    `first_order=True` the inner gradients are treated as constants. `only` (a name
+    prefix such as "head.") adapts those parameters alone; the others stay as given.
     """
+    names = [k for k in params if only is None or k.startswith(only)]
+    if not names:
+        raise ValueError(f"no parameter name starts with {only!r}")
     for _ in range(steps):
         loss = task_loss(forward(model, params, buffers, x), y)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
-        params = sgd_step(params, grads, inner_lr)
+        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=not first_order)
+        lr = {k: inner_lr[k] for k in names} if isinstance(inner_lr, dict) else inner_lr
+        params = {**params, **sgd_step({k: params[k] for k in names}, grads, lr)}
     return params
 
 

@@ -39,6 +39,8 @@ class MAML:
     to (a scaled, centred) mean of its support features, the classifier no longer depends
     on how classes are numbered, and one model serves any N-way (train 64-way, test 5-way).
     The model's own head weights are then never used.
+    `head_only=True` adapts the classifier head alone in the inner loop (ANIL, Raghu et al.
+    2020): the body is shared by every task and learned in the outer loop only.
     """
 
     needs_head = True
@@ -53,6 +55,7 @@ class MAML:
         vectorize: bool = False,
         learn_inner_lr: bool = False,
         zero_head: bool = False,
+        head_only: bool = False,
     ):
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -61,6 +64,7 @@ class MAML:
         self.vectorize = vectorize
         self.learn_inner_lr = learn_inner_lr
         self.zero_head = zero_head
+        self.only = "head." if head_only else None
         if zero_head and learn_inner_lr:
             raise ConfigError("learner.zero_head and learner.learn_inner_lr (Meta-SGD) do not combine: a head "
                               "of zeros as wide as each episode has no fixed shape to learn step sizes for")
@@ -69,7 +73,8 @@ class MAML:
         """The outer-loop parameters this learner adds to the model's: Meta-SGD step sizes, or none."""
         if not self.learn_inner_lr:
             return {}
-        return {INNER_LR + k: torch.full_like(v, self.inner_lr) for k, v in weights.items()}
+        return {INNER_LR + k: torch.full_like(v, self.inner_lr) for k, v in weights.items()
+                if self.only is None or k.startswith(self.only)}
 
     def task_start(self, weights: Params, support_y: torch.Tensor) -> Params:
         """The weights every task's inner loop starts from: `weights`, or with `zero_head` the
@@ -97,7 +102,7 @@ class MAML:
             for t in range(batch.support_x.shape[0]):
                 adapted = adapt(
                     model, weights, buffers, batch.support_x[t], batch.support_y[t],
-                    inner_lr=lr, steps=self.inner_steps, first_order=self.first_order,
+                    inner_lr=lr, steps=self.inner_steps, first_order=self.first_order, only=self.only,
                 )
                 out = query_forward(model, adapted, buffers, batch.support_x[t], batch.query_x[t])
                 losses.append(task_loss(out, batch.query_y[t]))
@@ -107,16 +112,21 @@ class MAML:
         return MetaOutput(loss, _metrics(loss, outputs, batch.query_y))
 
     def _vmapped(self, model, params, lr, buffers, batch):
-        def inner_loss(p, x, y):
-            return task_loss(functional_call(model, (p, buffers), (x,)), y)
+        adaptable = [k for k in params if self.only is None or k.startswith(self.only)]
+
+        def inner_loss(a, fixed, x, y):
+            return task_loss(functional_call(model, ({**fixed, **a}, buffers), (x,)), y)
 
         def one_task(p, sx, sy, qx, qy):
+            a = {k: p[k] for k in adaptable}
+            fixed = {k: v for k, v in p.items() if k not in a}
+            step = {k: lr[k] for k in adaptable} if isinstance(lr, dict) else lr
             for _ in range(self.inner_steps):
-                g = grad(inner_loss)(p, sx, sy)
+                g = grad(inner_loss)(a, fixed, sx, sy)
                 if self.first_order:
                     g = {k: v.detach() for k, v in g.items()}
-                p = sgd_step(p, g, lr)
-            out = query_forward(model, p, buffers, sx, qx)
+                a = sgd_step(a, g, step)
+            out = query_forward(model, {**fixed, **a}, buffers, sx, qx)
             return task_loss(out, qy), out
 
         return vmap(one_task, in_dims=(None, 0, 0, 0, 0))(
@@ -131,7 +141,7 @@ class MAML:
         weights = self.task_start(weights, episode.support_y)
         with torch.enable_grad():
             adapted = adapt(model, detached(weights), buffers, episode.support_x, episode.support_y,
-                            inner_lr=lr, steps=steps, first_order=True)
+                            inner_lr=lr, steps=steps, first_order=True, only=self.only)
         with torch.no_grad():
             return query_forward(model, adapted, buffers, episode.support_x, episode.query_x)
 
