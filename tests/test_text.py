@@ -360,3 +360,12 @@ def test_every_learner_meta_trains_the_transformer(corpus_file, tmp_path, learne
     result = run_local(text_cfg(corpus_file, "train.steps=2", "train.val_every=0", "eval.episodes=4",
                                 "learner.inner_lr=0.1", *learner), tmp_path, log=_quiet)
     assert 0 <= result["test"]["mean"] <= 1 and result["steps"] == 2
+
+
+@pytest.mark.parametrize("content, match", [
+    ("[1, 2]", "list of \\[text, intent\\]"), ('{"train": [["a", 1]], "test": []}', "string pairs"),
+    ('{"train": [["a", "x"]], "test": [["b", "x"]]}', "1 intents"), ("{broken", "cannot be read as JSON")])
+def test_a_damaged_clinc150_file_is_refused_by_name(tmp_path, content, match):
+    (tmp_path / "data_full.json").write_text(content)
+    with pytest.raises(DataError, match=match):
+        read_split(f"clinc150:{tmp_path}", "train")

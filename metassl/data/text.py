@@ -176,15 +176,34 @@ def download_clinc(folder: Path, base_url: str = CLINC_URL) -> Path:
     return folder
 
 
+def _clinc_data(folder: Path) -> dict:
+    """data_full.json, checked: "train" and "test" lists of [text, intent] string pairs."""
+    path = folder / "data_full.json"
+    data = _read_json(path)
+    for key in ("train", "test"):
+        rows = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(v, str) for v in r) for r in rows):
+            raise DataError(f"{path}: expected {key!r} to be a list of [text, intent] string pairs, as in "
+                            f"CLINC150's data_full.json")
+    return data
+
+
 def clinc_classes(folder: Path, class_split: str) -> dict[str, tuple[str, ...]]:
     """{"train", "val", "test": intents} of CLINC150's `class_split` (rules in the module doc)."""
-    data = _read_json(folder / "data_full.json")
+    data = _clinc_data(folder)
     intents = sorted({label for _, label in data["train"]} - {"oos"})
+    if len(intents) != 150:
+        raise DataError(f"{folder / 'data_full.json'} has {len(intents)} intents besides 'oos'; CLINC150's class "
+                        "splits are defined on its 150")
     if class_split == "primary":
         random.Random(0).shuffle(intents)
         parts = intents[:100], intents[100:120], intents[120:150]
     else:
         domains = _read_json(folder / "domains.json")
+        if not isinstance(domains, dict) or len(domains) != 10 or not all(
+                isinstance(v, list) and all(isinstance(i, str) for i in v) for v in domains.values()):
+            raise DataError(f"{folder / 'domains.json'}: expected CLINC150's 10 domains, each a list of intents")
         names = sorted(domains)
         random.Random(0).shuffle(names)
         parts = ([i for d in names[:7] for i in domains[d]], list(domains[names[7]]),
@@ -194,7 +213,7 @@ def clinc_classes(folder: Path, class_split: str) -> dict[str, tuple[str, ...]]:
 
 def _clinc_split(folder: Path | None, split: str, class_split: str) -> LabelledTexts:
     folder = clinc_folder(folder)
-    data = _read_json(folder / "data_full.json")
+    data = _clinc_data(folder)
     classes = clinc_classes(folder, class_split)[split]
     index = {c: i for i, c in enumerate(classes)}
     pairs = [(t, l, False) for t, l in data["train"] if l in index]
