@@ -450,6 +450,8 @@ def _validate(cfg: Config) -> None:
     if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
                           f"got {cfg.learner.name!r}")
+    if cfg.learner.head_only and cfg.data.dataset == "sinusoid":
+        raise ConfigError("learner.head_only=true adapts a classifier head; the sinusoid MLP has none")
     if cfg.learner.head_only and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.head_only=true (ANIL) is for learner.name 'maml' or 'fomaml', got {cfg.learner.name!r}")
     if cfg.learner.zero_head and cfg.learner.name not in ("maml", "fomaml"):

@@ -1,19 +1,22 @@
 """Names in a config -> the objects they stand for: learners, models, episode sources."""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
-
-from pathlib import Path
 
 from metassl.config import CHOICES, Config, is_text_config
 from metassl.data import EpisodeSampler, SinusoidTasks, check_split_allowed, load_split
 from metassl.data.text import TextCorpus, is_text, read_split, to_split, unlabelled_texts
-from metassl.data.tokenizer import TextTokenizer
+from metassl.data.tokenizer import MAX_TOKENIZER_BYTES, TextTokenizer
 from metassl.errors import ConfigError, DataError
 from metassl.storage import is_uri, join as storage_join, read_text, upload
 
 TOKENIZER_FILE = "tokenizer.json"
+SOURCE_FILE = "tokenizer_source.json"  # where a run's tokenizer.json came from (see tokenizer_stage)
 from metassl.meta import MAML, MatchingNet, ProtoNet, Reptile
 from metassl.models import build_model
 
@@ -112,6 +115,21 @@ def load_unlabelled(cfg: Config):
 _TOKENIZERS: dict[tuple, TextTokenizer] = {}  # this process's tokenizers, by where they came from
 
 
+def read_tokenizer_text(location: str) -> str | None:
+    """The JSON text of a tokenizer file (path or URI), None when there is none; DataError when unreadable."""
+    try:
+        if not is_uri(location):
+            path = Path(location)
+            if not path.is_file():
+                return None
+            if path.stat().st_size > MAX_TOKENIZER_BYTES:
+                raise DataError(f"tokenizer {location!r} is larger than {MAX_TOKENIZER_BYTES} bytes")
+            return path.read_text(encoding="utf-8")
+        return read_text(location)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer {location!r} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+
+
 def text_tokenizer(cfg: Config) -> TextTokenizer:
     """The run's tokenizer: `data.tokenizer` (a tokenizer.json, path or URI) when set, else one learned
     from the meta-train text (once per process: learning is not reproducible across processes, so a
@@ -120,20 +138,16 @@ def text_tokenizer(cfg: Config) -> TextTokenizer:
     if d.tokenizer is not None:
         key = ("file", d.tokenizer, d.max_tokens)
         if key not in _TOKENIZERS:
-            if is_uri(d.tokenizer):
-                text = read_text(d.tokenizer)
-                if text is None:
-                    raise DataError(f"data.tokenizer={d.tokenizer!r}: no such file")
-                tok = TextTokenizer.from_json(text, d.max_tokens, f"data.tokenizer={d.tokenizer!r}")
-            else:
-                tok = TextTokenizer.load(d.tokenizer, d.max_tokens)
-            _TOKENIZERS[key] = tok
+            text = read_tokenizer_text(d.tokenizer)
+            if text is None:
+                raise DataError(f"data.tokenizer={d.tokenizer!r}: no such file")
+            _TOKENIZERS[key] = TextTokenizer.from_json(text, d.max_tokens, f"data.tokenizer={d.tokenizer!r}")
         tok = _TOKENIZERS[key]
         if tok.vocab_size > d.vocab_size:
             raise ConfigError(f"data.tokenizer={d.tokenizer!r} has {tok.vocab_size} word pieces but the model "
                               f"embeds data.vocab_size={d.vocab_size}; raise data.vocab_size")
         return tok
-    key = ("learned", d.dataset, d.root, d.class_split, d.split_fractions, d.split_seed, d.vocab_size, d.max_tokens)
+    key = ("learned",) + _vocabulary_settings(cfg)
     if key not in _TOKENIZERS:
         texts = unlabelled_texts(d.dataset, root=d.root, class_split=d.class_split,
                                  split_fractions=d.split_fractions, split_seed=d.split_seed)
@@ -141,55 +155,96 @@ def text_tokenizer(cfg: Config) -> TextTokenizer:
     return _TOKENIZERS[key]
 
 
-def tokenizer_stage(cfg: Config, run_dir: str) -> Config:
-    """`cfg` with `data.tokenizer` = RUN/tokenizer.json for a text run that learns its own vocabulary.
+def _vocabulary_settings(cfg: Config) -> tuple:
+    d = cfg.data
+    return d.dataset, d.root, d.class_split, tuple(d.split_fractions), d.split_seed, d.vocab_size, d.max_tokens
 
-    The vocabulary is learned from the meta-train text once, when the file is not there yet (a
-    re-run or resume reuses it), and saved with the run (uploaded for a storage URI), so training
-    workers, generator actors and `metassl eval` all encode with the same word pieces.
+
+def tokenizer_stage(cfg: Config, run_dir: str) -> Config:
+    """`cfg` with `data.tokenizer` = RUN/tokenizer.json: the vocabulary every process of a text run reads.
+
+    The file is made once: learned from the meta-train text, or copied from `data.tokenizer`
+    (or, with `generator.shards`, from the tokenizer.json the shards were encoded with); a
+    re-run or resume reuses it. RUN/tokenizer_source.json records where it came from, and a
+    re-run whose vocabulary would come from elsewhere (another dataset, split, size or file)
+    is refused before anything is written, as `check_resumable` refuses other config changes.
+    Checkpoints also carry the vocabulary (`trainer.load_trained` evaluates with it).
     """
     located = tokenizer_location(cfg, run_dir)
     if located is cfg:
         return cfg
-    if read_text(located.data.tokenizer) is None:
-        if cfg.generator.shards:
-            raise DataError(f"generator.shards={cfg.generator.shards!r} has no {TOKENIZER_FILE} (the vocabulary its "
-                            "text episodes were encoded with); set data.tokenizer to it, or write the shards again "
-                            "with `metassl generate`")
-        save_tokenizer(text_tokenizer(cfg).to_json(), run_dir)
+    source = _tokenizer_source(cfg)
+    given = source.get("file")
+    given_text = None
+    if given is not None:
+        given_text = read_tokenizer_text(given)
+        if given_text is None:
+            what = "generator.shards" if cfg.data.tokenizer is None else "data.tokenizer"
+            raise DataError(f"{what}: there is no {given!r} (the vocabulary to use); "
+                            + ("write the shards again with `metassl generate`, or set data.tokenizer"
+                               if what == "generator.shards" else "give an existing tokenizer.json"))
+        source["sha256"] = hashlib.sha256(given_text.encode()).hexdigest()
+    record_location = storage_join(str(run_dir), SOURCE_FILE) if is_uri(str(run_dir)) else str(Path(run_dir) / SOURCE_FILE)
+    existing = read_tokenizer_text(located.data.tokenizer)
+    if existing is not None:
+        recorded = read_text(record_location)
+        try:
+            recorded = json.loads(recorded) if recorded is not None else None
+        except json.JSONDecodeError:
+            recorded = None
+        if recorded != source:
+            raise ConfigError(f"the run directory {str(run_dir)!r} holds a vocabulary (tokenizer.json) learned or "
+                              f"copied from other settings ({recorded} here, {source} now); use another --run-dir")
+    else:
+        save_tokenizer(given_text if given_text is not None else text_tokenizer(cfg).to_json(), run_dir)
+        _write_text(json.dumps(source), record_location)
     text_tokenizer(located)  # a damaged file fails here, before any worker starts
     return located
 
 
-def tokenizer_location(cfg: Config, run_dir: str) -> Config:
-    """`cfg` as `tokenizer_stage` will return it (nothing is read or written): what a re-run compares.
+def _tokenizer_source(cfg: Config) -> dict:
+    """Where a text run's vocabulary comes from: a file, or the settings it is learned with."""
+    given = cfg.data.tokenizer or (storage_join(str(cfg.generator.shards), TOKENIZER_FILE) if cfg.generator.shards
+                                   else None)
+    if given is not None:
+        return {"file": given if is_uri(given) else str(Path(given).resolve())}
+    names = ("dataset", "root", "class_split", "split_fractions", "split_seed", "vocab_size", "max_tokens")
+    return {"learned_from": dict(zip(names, [list(v) if isinstance(v, tuple) else v
+                                             for v in _vocabulary_settings(cfg)]))}
 
-    A run on episodes written by `metassl generate` (`generator.shards`) reads the vocabulary
-    they were encoded with, saved beside them."""
-    if not is_text_config(cfg) or cfg.data.tokenizer is not None:
+
+def tokenizer_location(cfg: Config, run_dir: str) -> Config:
+    """`cfg` as `tokenizer_stage` will return it (nothing is read or written): what a re-run compares."""
+    if not is_text_config(cfg):
         return cfg
     import dataclasses
 
-    folder = str(cfg.generator.shards or run_dir)
-    location = storage_join(folder, TOKENIZER_FILE) if is_uri(folder) else str(Path(folder).resolve() / TOKENIZER_FILE)
+    run_dir = str(run_dir)
+    location = storage_join(run_dir, TOKENIZER_FILE) if is_uri(run_dir) else str(Path(run_dir).resolve() / TOKENIZER_FILE)
+    if cfg.data.tokenizer == location:
+        return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=location))
+
+
+def _write_text(text: str, location: str) -> None:
+    if is_uri(location):
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "f").write_text(text, encoding="utf-8")
+            upload(Path(tmp) / "f", location)
+        return
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(location + ".part")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(location)
 
 
 def save_tokenizer(text: str, folder: str) -> str:
     """Write a tokenizer's JSON as `folder/tokenizer.json` (a local folder or a storage URI); return where."""
     folder = str(folder)
-    if is_uri(folder):
-        import tempfile
-        location = storage_join(folder, TOKENIZER_FILE)
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / TOKENIZER_FILE).write_text(text, encoding="utf-8")
-            upload(Path(tmp) / TOKENIZER_FILE, location)
-        return location
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    partial = Path(folder) / (TOKENIZER_FILE + ".part")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(Path(folder) / TOKENIZER_FILE)
-    return str(Path(folder).resolve() / TOKENIZER_FILE)
+    location = storage_join(folder, TOKENIZER_FILE) if is_uri(folder) else str(Path(folder).resolve() / TOKENIZER_FILE)
+    _write_text(text, location)
+    return location
 
 
 def _training_text(cfg: Config) -> str | None:

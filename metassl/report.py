@@ -283,7 +283,8 @@ def text_episode_lines(cfg: Config, count: int = 2, max_shown: int = 2) -> list[
         e = record.episode
         lines.append(f"Episode {record.episode_id} ({record.generator}, {record.n_way}-way {record.k_shot}-shot):")
         lines.append("")
-        words = _masked_words(cfg, record.episode_id) if record.generator == "smlmt" else None
+        words = (_masked_words(cfg, record.episode_id) if record.generator == "smlmt" and not cfg.generator.shards
+                 else None)
         for label in range(record.n_way):
             shots = [tok.decode(x[0]) for x in e.support_x[e.support_y == label][:max_shown]]
             queries = [tok.decode(x[0]) for x in e.query_x[e.query_y == label][:max_shown]]

@@ -34,7 +34,8 @@ CREDENTIALS_HINT = {
 }
 
 
-RUN_FILES = ("config.yaml", "result.json", "checkpoints/", "tensorboard/", "tokenizer.json")  # what metassl writes
+RUN_FILES = ("config.yaml", "result.json", "checkpoints/", "tensorboard/", "tokenizer.json",
+             "tokenizer_source.json")  # what metassl writes
 
 
 def is_uri(location: str | Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from metassl.generative.fit import needs_generative
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
-from metassl.registry import build_backbone, build_learner, build_sampler, is_regression, text_settings
+from metassl.registry import (build_backbone, build_learner, build_sampler, is_regression, read_tokenizer_text,
+                              text_settings)
 
 # Sections that may change between a run and its resume (length, logging, evaluation, tuning).
 _RESUMABLE_CHANGES = ("train", "eval", "tune")
@@ -88,6 +90,9 @@ def check_data(cfg: Config) -> None:
         if needs_generative(cfg) and cfg.generator.generative.checkpoint is not None:
             load_generative_for(cfg)  # a missing, foreign or ill-fitting generative model fails here
         images = load_unlabelled(cfg)
+        if g.kind == "smlmt":  # its word list is cheap to build; too few words fail here, not on a worker
+            from metassl.registry import build_generator
+            build_generator(cfg, images)
         if len(images) < ep.n_way:
             raise DataError(f"episodes.n_way={ep.n_way} but the unlabelled pool has only {len(images)} images")
 
@@ -263,6 +268,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     buffers = {k: v.detach().clone().to(device) for k, v in model.named_buffers()}
     use_ssl = cfg.objective.ssl_weight > 0
     text = text_settings(cfg)
+    # a text run's vocabulary travels in its checkpoints: they evaluate anywhere with the ids they learned
+    vocabulary = read_tokenizer_text(cfg.data.tokenizer) if text and cfg.data.tokenizer else None
     heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim, text and text["vocab_size"])
     head_params = ({k: v.detach().clone().to(device).requires_grad_() for k, v in heads.named_parameters()}
                    if use_ssl else {})
@@ -354,6 +361,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
             "loss_history": losses, "resumed_at": resumes, "skipped_steps": guard.skipped,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
+            **({"tokenizer": vocabulary} if vocabulary is not None else {}),
         })
         if is_best or (val is None and not checkpoint.best_path(run_dir).exists()):
             checkpoint.mark_best(run_dir, path)  # a NaN validation never becomes best
@@ -539,22 +547,36 @@ def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> d
     return result
 
 
-def _run_tokenizer(cfg: Config, checkpoint_path: Path) -> Config:
-    """A text run's config with `data.tokenizer` read from the run directory the checkpoint is in
-    when the recorded file is not where it was (a run directory copied or moved elsewhere)."""
+def _run_tokenizer(cfg: Config, state: dict, checkpoint_path: Path) -> Config:
+    """A text run's config with `data.tokenizer` naming the vocabulary its checkpoint learned with.
+
+    Checkpoints of text runs carry that vocabulary: it is written once into the cache, named
+    by its SHA-256, and used from there, so a run directory that was moved, or whose
+    tokenizer.json was replaced, still evaluates with the ids the weights were trained on.
+    (Checkpoints without one fall back to the tokenizer.json beside them.)
+    """
     import dataclasses
+    import hashlib
 
     from metassl.registry import TOKENIZER_FILE
+    from metassl.storage import cache_root
 
-    recorded = cfg.data.tokenizer
-    if not is_text_config(cfg) or (recorded is not None and (is_uri(recorded) or Path(recorded).is_file())):
+    if not is_text_config(cfg):
         return cfg
+    text = state.get("tokenizer")
+    if isinstance(text, str):
+        path = cache_root() / "tokenizers" / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.part")
+            partial.write_text(text, encoding="utf-8")
+            partial.replace(path)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(path)))
     for folder in (checkpoint_path.parent, checkpoint_path.parent.parent):
         if (folder / TOKENIZER_FILE).is_file():
             return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(folder / TOKENIZER_FILE)))
-    raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} is of a text run, but its vocabulary ("
-                          f"{recorded or TOKENIZER_FILE}) is not there nor beside the checkpoint; copy the run's "
-                          f"{TOKENIZER_FILE} into the run directory")
+    raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} is of a text run but holds no vocabulary, and no "
+                          f"{TOKENIZER_FILE} lies beside it; copy the run's {TOKENIZER_FILE} into the run directory")
 
 
 def load_trained(path: str | Path):
@@ -572,7 +594,7 @@ def load_trained(path: str | Path):
         cfg = from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {e}") from None
-    cfg = _run_tokenizer(cfg, Path(resolved))
+    cfg = _run_tokenizer(cfg, state, Path(resolved))
     learner = build_learner(cfg)
     model = build_backbone(cfg, learner)
     expected = dict(model.named_parameters())

@@ -10,7 +10,7 @@ import torch
 from metassl import checkpoint, config
 from metassl.data.text import TextCorpus, clinc_classes, read_split, to_split
 from metassl.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, TextTokenizer
-from metassl.errors import ConfigError, DataError
+from metassl.errors import CheckpointError, ConfigError, DataError
 from metassl.trainer import run_local
 
 TOPICS = {
@@ -311,23 +311,34 @@ def test_generated_text_shards_carry_their_vocabulary_and_train_a_run(corpus_fil
     assert (shards / "tokenizer.json").is_file()
     run = tmp_path / "run"
     run_local(text_cfg(corpus_file, "train.steps=2", f"generator.shards={shards}"), run, log=_quiet)
-    assert config.load(run / "config.yaml").data.tokenizer == str((shards / "tokenizer.json").resolve())
+    assert config.load(run / "config.yaml").data.tokenizer == str((run / "tokenizer.json").resolve())
+    assert (run / "tokenizer.json").read_text() == (shards / "tokenizer.json").read_text()
+    assert json.loads((run / "tokenizer_source.json").read_text())["file"] == str((shards / "tokenizer.json").resolve())
     (shards / "tokenizer.json").unlink()
-    with pytest.raises(DataError, match="has no tokenizer.json"):
+    with pytest.raises(DataError, match="write the shards again"):
         run_local(text_cfg(corpus_file, "train.steps=2", f"generator.shards={shards}"), tmp_path / "r2", log=_quiet)
 
 
-def test_a_moved_text_run_evaluates_with_the_vocabulary_beside_it(corpus_file, tmp_path):
+def test_a_moved_text_run_evaluates_with_the_vocabulary_its_checkpoint_carries(corpus_file, tmp_path):
     import shutil
 
     from metassl.trainer import load_trained
 
     run_local(text_cfg(corpus_file, "train.steps=2"), tmp_path / "a", log=_quiet)
+    vocabulary = (tmp_path / "a" / "tokenizer.json").read_text()
     shutil.move(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "tokenizer.json").write_text("{}")  # replaced or damaged: the checkpoint's copy is used
     cfg, *_ = load_trained(tmp_path / "b")
-    assert cfg.data.tokenizer == str(tmp_path / "b" / "tokenizer.json")
+    assert open(cfg.data.tokenizer).read() == vocabulary
+    # an older checkpoint without its vocabulary reads the tokenizer.json beside it, or says what is missing
+    best = checkpoint.resolve(tmp_path / "b")
+    state = checkpoint.load(best)
+    del state["tokenizer"]
+    checkpoint.save(best, {k: v for k, v in state.items() if k != "format"})
+    (tmp_path / "b" / "tokenizer.json").write_text(vocabulary)
+    assert load_trained(tmp_path / "b")[0].data.tokenizer == str(tmp_path / "b" / "tokenizer.json")
     (tmp_path / "b" / "tokenizer.json").unlink()
-    with pytest.raises(Exception, match="vocabulary"):
+    with pytest.raises(CheckpointError, match="holds no vocabulary"):
         load_trained(tmp_path / "b")
 
 
@@ -369,3 +380,36 @@ def test_a_damaged_clinc150_file_is_refused_by_name(tmp_path, content, match):
     (tmp_path / "data_full.json").write_text(content)
     with pytest.raises(DataError, match=match):
         read_split(f"clinc150:{tmp_path}", "train")
+
+
+def test_a_run_directory_keeps_the_vocabulary_of_its_settings(corpus_file, tmp_path):
+    from metassl.registry import tokenizer_stage
+
+    located = tokenizer_stage(text_cfg(corpus_file), str(tmp_path))
+    assert located.data.tokenizer == str((tmp_path / "tokenizer.json").resolve())
+    first = (tmp_path / "tokenizer.json").read_text()
+    assert tokenizer_stage(text_cfg(corpus_file), str(tmp_path)) == located  # a re-run reuses it
+    assert (tmp_path / "tokenizer.json").read_text() == first
+    for change in ("data.vocab_size=300", "data.split_seed=1", f"data.tokenizer={tmp_path / 'other.json'}"):
+        (tmp_path / "other.json").write_text(first)
+        with pytest.raises(ConfigError, match="other settings"):
+            tokenizer_stage(text_cfg(corpus_file, change), str(tmp_path))
+    assert (tmp_path / "tokenizer.json").read_text() == first
+
+
+def test_token_ids_from_another_vocabulary_are_refused():
+    from metassl.data.tokenizer import check_items
+
+    items = torch.stack([torch.tensor([[2, 60, 3, 0]]), torch.tensor([[1, 1, 1, 0]])], 1)
+    with pytest.raises(DataError, match="outside the vocabulary of 50"):
+        check_items(items, 50, "shards")
+    with pytest.raises(DataError, match="no token"):
+        check_items(torch.zeros(1, 2, 4, dtype=torch.long), 50, "shards")
+    check_items(items, 61, "shards")
+
+
+def test_vectorized_maml_draws_dropout_per_task(corpus_file, tmp_path):
+    result = run_local(text_cfg(corpus_file, "train.steps=2", "train.val_every=0", "eval.episodes=4",
+                                "model.dropout=0.1", "learner.name=maml", "learner.head_only=true",
+                                "learner.vectorize=true", "learner.inner_lr=0.1"), tmp_path, log=_quiet)
+    assert result["steps"] == 2

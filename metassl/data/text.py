@@ -204,6 +204,10 @@ def clinc_classes(folder: Path, class_split: str) -> dict[str, tuple[str, ...]]:
         if not isinstance(domains, dict) or len(domains) != 10 or not all(
                 isinstance(v, list) and all(isinstance(i, str) for i in v) for v in domains.values()):
             raise DataError(f"{folder / 'domains.json'}: expected CLINC150's 10 domains, each a list of intents")
+        listed = [i for d in sorted(domains) for i in domains[d]]
+        if sorted(listed) != intents:
+            raise DataError(f"{folder / 'domains.json'}: its domains must hold each of the 150 intents of "
+                            "data_full.json exactly once")
         names = sorted(domains)
         random.Random(0).shuffle(names)
         parts = ([i for d in names[:7] for i in domains[d]], list(domains[names[7]]),

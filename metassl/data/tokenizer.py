@@ -121,6 +121,11 @@ class TextTokenizer:
         """Like `encode`, for texts already split into words (a word "[MASK]" is the mask token)."""
         return self._items(self._tok.encode_batch([list(s) for s in sentences], is_pretokenized=True), sentences)
 
+    def kept_words(self, sentences: Sequence[Sequence[str]]) -> list[int]:
+        """For each sentence (a list of words), how many of its first words survive truncation."""
+        encodings = self._tok.encode_batch([list(s) for s in sentences], is_pretokenized=True)
+        return [max((w for w in e.word_ids if w is not None), default=-1) + 1 for e in encodings]
+
     def decode(self, ids: Sequence[int], keep_mask: bool = True) -> str:
         """The text of token ids (padding dropped; [MASK] kept when `keep_mask`)."""
         ids = [int(i) for i in ids if int(i) != PAD_ID]
@@ -146,6 +151,18 @@ class TextTokenizer:
                                 "empty texts cannot be classified")
         self.truncated += sum(1 for e in encodings if e.overflowing)
         return torch.stack([ids, mask], dim=1)
+
+
+def check_items(x: torch.Tensor, vocab_size: int, where: str) -> None:
+    """DataError unless `x` `[..., 2, L]` holds ids in 0..vocab_size-1 and every item has a token.
+
+    For items that did not come from this run's tokenizer (episodes read from shards)."""
+    ids, mask = x[..., 0, :], x[..., 1, :]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise DataError(f"{where}: token ids {int(ids.min())}..{int(ids.max())} are outside the vocabulary of "
+                        f"{vocab_size} (data.vocab_size): these texts were encoded with another vocabulary")
+    if ids.numel() and (int(mask.sum(-1).min()) == 0 or not bool(((mask == 0) | (mask == 1)).all())):
+        raise DataError(f"{where}: an item has no token, or its attention mask is not 0/1")
 
 
 def _checked(text, index: int) -> str:

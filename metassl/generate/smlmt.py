@@ -53,9 +53,15 @@ class SMLMTEpisodes(RecordSource):
         self.settings, self.ssl_views = settings, bool(ssl_views)
         self.tokenizer = corpus.tokenizer()
         self.sentences = [self.tokenizer.words(t) for t in corpus.texts]
+        empty = next((i for i, words in enumerate(self.sentences) if not words), None)
+        if empty is not None:
+            raise DataError(f"meta-train text {empty} ({corpus.texts[empty][:40]!r}) has no word after normalisation")
+        # a sentence holds a word when an occurrence survives truncation to max_tokens (else the
+        # masked sentence would show no [MASK]); masking only shortens what comes before it
+        kept = self.tokenizer.kept_words(self.sentences)
         holders: dict[str, list[int]] = {}
         for i, words in enumerate(self.sentences):
-            for w in dict.fromkeys(words):  # each sentence once per word, in order
+            for w in dict.fromkeys(words[:kept[i]]):  # each sentence once per word, in order
                 holders.setdefault(w, []).append(i)
         counts = Counter({w: len(rows) for w, rows in holders.items() if w.isalpha()})
         common = {w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:settings.skip_top]}

@@ -145,6 +145,8 @@ class TrainingSource:
         # Worker `rank` takes episodes [step * meta_batch + rank * per, ... + per) of each step.
         self.rank, self.per = rank, ep.meta_batch // world
         self.sampler = None
+        from metassl.config import is_text_config
+        self.text_vocab = cfg.data.vocab_size if is_text_config(cfg) else None  # shard items are checked
         if g.shards:  # replay episodes written by `metassl generate`, wrapping around at the end
             from metassl.generate.shards import ShardEpisodes
             self.generator = ShardEpisodes(g.shards)
@@ -192,6 +194,11 @@ class TrainingSource:
             return TrainBatch(stack_episodes([self.sampler.episode(i) for i in ids]), None, time.perf_counter() - t0)
         if self.generator is not None:  # shards: their records say which encoder made them
             records = [self.generator.record(i % len(self.generator)) for i in ids]
+            if self.text_vocab is not None:
+                from metassl.data.tokenizer import check_items
+                for r in records:
+                    check_items(torch.cat([r.episode.support_x, r.episode.query_x]), self.text_vocab,
+                                f"episode {r.episode_id} of generator.shards")
         else:
             version = encoder_version(self.cfg, step)
             if self.pool is not None:

@@ -129,7 +129,8 @@ class MAML:
             out = query_forward(model, {**fixed, **a}, buffers, sx, qx)
             return task_loss(out, qy), out
 
-        return vmap(one_task, in_dims=(None, 0, 0, 0, 0))(
+        # randomness="different": each task draws its own dropout masks (the Transformer's)
+        return vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(
             params, batch.support_x, batch.support_y, batch.query_x, batch.query_y
         )
 
