@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -60,27 +61,41 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench/generative")
     p.add_argument("--at-once", type=int, default=2, help="runs at a time (one core each)")
     p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
+    p.add_argument("--continue", dest="cont", action="store_true",
+                   help="finish an interrupted benchmark in --out: keep finished fits and runs (those with a "
+                        "result.json), start unfinished ones again from nothing")
     args = p.parse_args()
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):  # fits and runs there would resume instead of being timed
-        sys.exit(f"{out} is not empty: remove it or pass another --out")
+    if out.exists() and any(out.iterdir()) and not args.cont:  # they would resume instead of being timed
+        sys.exit(f"{out} is not empty: remove it, pass another --out, or --continue")
+
+    def finished(name: str) -> bool:
+        """A finished fit or run is kept under --continue; an unfinished one is removed so it is timed afresh."""
+        if (out / name / "result.json").exists():
+            return True
+        shutil.rmtree(out / name, ignore_errors=True)
+        return False
     common = ["train.threads=1", "generator.actors=0", *args.set]
 
     fit_minutes, procs, t0 = {}, {}, time.perf_counter()
     for model in args.models:
+        if finished(model):
+            continue
         cmd = METASSL + ["fit-generative", str(CONFIGS[args.learners[0]]), "--backend", "local",
                          "--run-dir", str(out / model), *flags(common + MODEL_SETS[model])]
         procs[model] = (start(cmd, out / f"{model}.log"), out / f"{model}.log")
     for model, (proc, log) in procs.items():
         if proc.wait() != 0:
             sys.exit(f"fitting {model} failed: see {log}")
+    for model in args.models:
         fit_minutes[model] = json.loads((out / model / "result.json").read_text())["train_minutes"]
     print(f"fits: {fit_minutes} (wall {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
     pairs = [(m, learner) for learner in args.learners for m in args.models]
-    for i in range(0, len(pairs), args.at_once):
+    todo = [(m, learner) for m, learner in pairs if not finished(f"{m}_{learner}")]
+    for i in range(0, len(todo), args.at_once):
         procs = {}
-        for model, learner in pairs[i:i + args.at_once]:
+        for model, learner in todo[i:i + args.at_once]:
             name = f"{model}_{learner}"
             budget = args.minutes - fit_minutes[model]
             sets = common + MODEL_SETS[model] + [f"generator.generative.checkpoint={out / model}",
@@ -106,6 +121,7 @@ def main() -> None:
                     f"{result['steps']} | {100 * val:.2f} | " + " | ".join(scores) + " |")
 
     print(f"\n## Generative pseudo-tasks alone\n- command: `python experiments/bench_generative.py "
+          f"{'--continue ' if args.cont else ''}"
           f"--minutes {args.minutes:g}`\n- machine: {platform.machine()} {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}; date {datetime.date.today()}; fits at once, then {args.at_once} runs at "
           f"a time, one core each; each run's fit + meta-training <= {args.minutes:g} min")
