@@ -5,6 +5,7 @@
     learner = run.load()                              # or metassl.load("runs/omniglot_protonet")
     predict = learner.adapt(support_x, support_y)     # [n_way * k_shot, C, H, W], labels 0..n_way-1
     logits = predict(query_x)                         # [Q, n_way]
+    # a text run's learner takes lists of strings: learner.adapt(["book a flight", ...], labels)
     metassl.evaluate(run, k_shot=5).mean              # as `metassl eval RUN --k-shot 5`
     metassl.export(run, "conv4.safetensors")          # the backbone's weights + config.yaml beside them
 
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 import yaml
 
-from metassl.config import CHOICES, Config, apply_overrides, dump, from_dict, to_dict, with_values
+from metassl.config import CHOICES, Config, apply_overrides, dump, from_dict, is_text_config, to_dict, with_values
 from metassl.config import load as load_config
 from metassl.data.episodes import Episode
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
@@ -133,10 +134,15 @@ class Learner:
         self.config, self.learner, self.model = cfg, learner, model.eval()
         self.params, self.buffers, self.step = params, buffers, step
         self.regression = is_regression(cfg)
+        self.text = is_text_config(cfg)
+        self._tokenizer = None
+        if self.text:
+            from metassl.registry import text_tokenizer
+            self._tokenizer = text_tokenizer(cfg)  # the checkpoint's own vocabulary (trainer.load_trained)
         head = getattr(model, "head", None)
         any_way = head is None or getattr(learner, "zero_head", False)  # metric learners, MAML's zeroing trick
         self.n_way = None if any_way else head.out_features  # None: any n_way
-        self.input_shape = ((1,) if self.regression else
+        self.input_shape = ((1,) if self.regression else (2, cfg.data.max_tokens) if self.text else
                             (cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
 
     def __repr__(self) -> str:
@@ -147,7 +153,8 @@ class Learner:
         """The Predictor for the task whose support set this is.
 
         support_x: `[S, *input_shape]` float; support_y: `[S]` int labels 0..n_way-1, each present
-        (regression: `[S, 1]` float targets). The predictor runs the learner's own evaluation
+        (regression: `[S, 1]` float targets). A text model takes a list of S strings, encoded with
+        the run's vocabulary (or int64 items `[S, 2, max_tokens]` already encoded with it). The predictor runs the learner's own evaluation
         code (`learner.predict`, as `metassl eval`) on this support set and the queries it is
         given: MAML and Reptile take `inner_steps` SGD steps on the support set (default: the
         run's `eval.inner_steps`, else `learner.eval_inner_steps`; sinusoid: 10), ProtoNet and
@@ -168,9 +175,12 @@ class Learner:
             episode = Episode(x, y, query_x, unused_labels)
             return self.learner.predict(self.model, self.params, self.buffers, episode, inner_steps)
 
-        return Predictor(run, 1 if self.regression else int(y.max()) + 1, self.input_shape, device)
+        return Predictor(run, 1 if self.regression else int(y.max()) + 1,
+                         lambda query_x: self._inputs(query_x, "query_x"), device)
 
     def _inputs(self, x, name: str) -> torch.Tensor:
+        if self.text:
+            return self._texts(x, name)
         x = torch.as_tensor(x)
         if not x.is_floating_point():
             raise DataError(f"{name} must be a float tensor (images in [0, 1]), got {x.dtype}")
@@ -178,8 +188,33 @@ class Learner:
             raise DataError(f"{name} has shape {list(x.shape)}; this model takes [n, "
                             f"{', '.join(map(str, self.input_shape))}] (data.channels, data.image_size)")
         if len(x) == 0:
-            raise DataError(f"{name} is empty: give at least one example per class")
+            raise DataError(f"{name} is empty: give at least one example")
         return x.float()
+
+    def _texts(self, x, name: str) -> torch.Tensor:
+        """`[n, 2, max_tokens]` int64 items of a list of strings (or of items already encoded)."""
+        from metassl.data.tokenizer import check_items
+
+        if isinstance(x, str):
+            raise DataError(f"{name} is one string; give a list of texts, one per example")
+        if isinstance(x, torch.Tensor):
+            if x.dtype != torch.int64 or x.dim() != 3 or tuple(x.shape[1:]) != self.input_shape:
+                raise DataError(f"{name} has shape {list(x.shape)} ({x.dtype}); this text model takes a list of "
+                                f"strings or int64 items [n, {', '.join(map(str, self.input_shape))}]")
+            if len(x) == 0:
+                raise DataError(f"{name} is empty: give at least one example")
+            check_items(x, self._tokenizer.vocab_size, name)
+            return x
+        try:
+            texts = list(x)
+        except TypeError:
+            raise DataError(f"{name} must be a list of strings for this text model, got {type(x).__name__}") from None
+        if not texts:
+            raise DataError(f"{name} is empty: give at least one example")
+        try:
+            return self._tokenizer.encode(texts)
+        except DataError as e:
+            raise DataError(f"{name}: {e}") from None
 
     def _targets(self, y, count: int) -> torch.Tensor:
         y = torch.as_tensor(y)
@@ -209,16 +244,14 @@ class Predictor:
     Reptile: their inner loop), so one call with all of a task's queries is cheapest.
     """
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], n_way: int, input_shape: tuple, device):
-        self._run, self.n_way, self.input_shape, self._device = run, n_way, input_shape, device
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], n_way: int,
+                 inputs: Callable[[object], torch.Tensor], device):
+        self._run, self.n_way, self._inputs, self._device = run, n_way, inputs, device
 
-    def __call__(self, query_x: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(query_x)
-        if x.dim() != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape or not x.is_floating_point():
-            raise DataError(f"query_x has shape {list(x.shape)} ({x.dtype}); this model takes float [n, "
-                            f"{', '.join(map(str, self.input_shape))}]")
+    def __call__(self, query_x) -> torch.Tensor:
+        x = self._inputs(query_x)  # the Learner's own checks (shape, dtype; texts: encoding)
         with torch.no_grad():
-            return self._run(x.float().to(self._device)).detach()
+            return self._run(x.to(self._device)).detach()
 
 
 def load(run_dir_or_checkpoint: Run | str | os.PathLike) -> Learner:

@@ -342,6 +342,28 @@ def test_a_moved_text_run_evaluates_with_the_vocabulary_its_checkpoint_carries(c
         load_trained(tmp_path / "b")
 
 
+def test_the_python_api_adapts_a_text_learner_on_strings(corpus_file, tmp_path):
+    import metassl
+
+    run_local(text_cfg(corpus_file, "train.steps=2"), tmp_path / "run", log=_quiet)
+    learner = metassl.load(tmp_path / "run")
+    assert learner.input_shape == (2, 16)
+    support = ["what is my flight today", "i need help with pasta", "show the river and lake now"]
+    predict = learner.adapt(support, [0, 1, 2])
+    logits = predict(["can you check the flight for airport", "is the lake near the river"])
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    encoded = learner._tokenizer.encode(support)  # items already encoded give the same outputs
+    assert torch.equal(learner.adapt(encoded, torch.tensor([0, 1, 2]))(encoded), predict(support))
+    with pytest.raises(DataError, match="query_x is one string"):
+        predict("what is my flight today")
+    with pytest.raises(DataError, match="support_x: text 1 is empty"):
+        learner.adapt(["what is my flight today", "  ", "lake"], [0, 1, 2])
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        predict(torch.full((1, 2, 16), 10_000, dtype=torch.int64))
+    with pytest.raises(DataError, match="int64 items"):
+        predict(torch.zeros(1, 1, 28, 28))
+
+
 def test_word_dropout_views_keep_a_word_and_are_a_function_of_the_episode(corpus_file):
     import dataclasses
 
