@@ -203,8 +203,9 @@ def conclude(rows: list[dict], base: Config, sweep: str, out: Path, mode: str, l
     log(format_table(rows, base))
     best = max((r for r in rows if r["val"] is not None), key=lambda r: r["val"] if mode == "max" else -r["val"])
     trained = load_trained(best["run_dir"])  # a trial in storage is fetched first
+    # a text sweep's best.yaml names the sweep's vocabulary, not the cache copy load_trained evaluates with
     best_cfg = config.with_values(trained[0], {"name": f"{base.name}_tuned", "generator.actors": base.generator.actors,
-                                               "tune.space": {}})
+                                               "tune.space": {}, "data.tokenizer": base.data.tokenizer})
     config.dump(best_cfg, out / "best.yaml")
     publish("best.yaml")
     plot_search(rows, base, out / "search.png")
