@@ -461,6 +461,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                 log(f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached")
             break
     train_tasks.close()
+    loop_minutes = (time.perf_counter() - progress.t0) / 60  # meta-training with its validations, no final test
     if not lead:
         return None
     writer.flush()
@@ -475,13 +476,14 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         _write_report(run_dir, log)
         store.push()
         return result
+    eval_t0 = time.perf_counter()
     if final_eval:
         result = final_evaluation(cfg, run_dir, learner, model, log)
     else:
         result = {"name": cfg.name, "best_step": checkpoint.load(checkpoint.best_path(run_dir))["step"]}
     result.update({"steps": step, "best_val": best, "val_history": history, "loss_history": losses,
                    "resumed_at": resumes, "skipped_steps": guard.skipped,
-                   "train_minutes": (time.perf_counter() - progress.t0) / 60})
+                   "train_minutes": loop_minutes, "eval_minutes": (time.perf_counter() - eval_t0) / 60})
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     if final_eval:
         writer.add_scalar("test/" + result["test"]["metric"], result["test"]["mean"], step)
