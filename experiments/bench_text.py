@@ -2,6 +2,7 @@
 
     python experiments/bench_text.py tfidf [--class-split primary|domain_disjoint]
     python experiments/bench_text.py eval RUN [RUN ...] [--untrained]
+    python experiments/bench_text.py ablate [--minutes 25] [--out runs/bench/text] [--variants ...]
 
 `tfidf`: the bag-of-words baseline of the protocols document, re-measured: word TF-IDF
 (scikit-learn, lower case, word unigrams) fitted on the meta-train intents' text only; each
@@ -12,6 +13,15 @@ nearest prototype by cosine similarity.
 evaluated on the same episodes; `--untrained` adds the network as its config initialises it
 (the random-init encoder: same architecture, no training).
 
+`ablate`: the self-supervised recipe (`experiments/clinc150_smlmt.yaml`) with parts taken
+away, on the same clock: SMLMT + SimCSE + MLM (the recipe), SMLMT + MLM, SMLMT only, MLM
+only (`objective.meta_weight=0`: the masked-word tasks are made but not learned from), the
+recipe on the domain-disjoint split, and the supervised ceiling
+(`experiments/clinc150_supervised.yaml`). Each run is `metassl train --backend local` on
+one core (`train.threads=1`, episodes made in the training process), `--at-once` at a time;
+meta-val selects each checkpoint; then every run is evaluated as `eval` does. A run
+directory that already holds a result.json is kept (an interrupted benchmark continues).
+
 All methods see the same episodes: support from an intent's `train` utterances, 15 queries
 from its `test` utterances, 5-way and 10-way, 1 and 5 shots, 1000 episodes of seed 0
 (`EpisodeSampler`: episode i depends only on the split, the shape and the seed). Prints a
@@ -21,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +43,16 @@ import numpy as np
 import torch
 
 SHAPES = [(5, 1), (5, 5), (10, 1), (10, 5)]
+REPO = Path(__file__).resolve().parents[1]
+RECIPE, CEILING = REPO / "experiments" / "clinc150_smlmt.yaml", REPO / "experiments" / "clinc150_supervised.yaml"
+VARIANTS = {  # name: (config, overrides, what it is)
+    "recipe": (RECIPE, [], "SMLMT + SimCSE + MLM"),
+    "smlmt_mlm": (RECIPE, ["objective.simclr=0"], "SMLMT + MLM"),
+    "smlmt_only": (RECIPE, ["objective.ssl_weight=0", "generator.ssl_views=false"], "SMLMT only"),
+    "mlm_only": (RECIPE, ["objective.meta_weight=0", "objective.simclr=0"], "MLM only"),
+    "domain_disjoint": (RECIPE, ["data.class_split=domain_disjoint"], "SMLMT + SimCSE + MLM, domain-disjoint split"),
+    "supervised": (CEILING, [], "supervised ProtoNet on meta-train labels (ceiling)"),
+}
 QUERIES, EPISODES, SEED = 15, 1000, 0
 
 
@@ -97,6 +120,40 @@ def learned(run: str, untrained: bool) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def ablate(names: list[str], minutes: float, out: Path, at_once: int, folder: str) -> None:
+    common = ["train.threads=1", "generator.actors=0", f"data.dataset=clinc150:{folder}",
+              f"train.max_minutes={minutes:g}"]
+    todo = []
+    for name in names:
+        if (out / name / "result.json").is_file():
+            continue
+        shutil.rmtree(out / name, ignore_errors=True)  # unfinished: start it again, timed from nothing
+        todo.append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(todo), at_once):
+        procs = []
+        for name in todo[i:i + at_once]:
+            cfg, sets, _ = VARIANTS[name]
+            cmd = [sys.executable, "-m", "metassl.cli", "train", str(cfg), "--backend", "local", "--run-dir",
+                   str(out / name), *[a for s in common + sets for a in ("--set", s)]]
+            print("$", " ".join(cmd), flush=True)
+            log = open(out / f"{name}.log", "w")
+            procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log))
+        for name, proc, log in procs:
+            if proc.wait() != 0:
+                sys.exit(f"{name} failed: see {out / (name + '.log')}")
+            log.close()
+    print(f"each run: --backend local, one core, train.max_minutes={minutes:g}, {at_once} at a time")
+    print("| variant | steps | train min | best meta-val % | 5w1s | 5w5s | 10w1s | 10w5s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        result = json.loads((out / name / "result.json").read_text())
+        val = max(v for _, v in result["val_history"])
+        (_, cells), = learned(str(out / name), False)
+        print(f"| {VARIANTS[name][2]} | {result['steps']} | {result['train_minutes']:.1f} | {100 * val:.2f} | "
+              + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -105,10 +162,18 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("runs", nargs="+")
     e.add_argument("--untrained", action="store_true")
+    a = sub.add_parser("ablate")
+    a.add_argument("--minutes", type=float, default=25.0, help="train.max_minutes of each run")
+    a.add_argument("--out", default="runs/bench/text")
+    a.add_argument("--at-once", type=int, default=2, help="runs at a time (one core each)")
+    a.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"{datetime.date.today()}; {EPISODES} episodes, seed {SEED}, {QUERIES} queries per class")
+    if args.what == "ablate":
+        ablate(args.variants, args.minutes, Path(args.out).resolve(), args.at_once, shared_clinc())
+        return
     print("| method | 5w1s | 5w5s | 10w1s | 10w5s |")
     print("| --- | ---: | ---: | ---: | ---: |")
     if args.what == "tfidf":
