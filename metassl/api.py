@@ -154,9 +154,10 @@ class Learner:
 
         support_x: `[S, *input_shape]` float; support_y: `[S]` int labels 0..n_way-1, each present
         (regression: `[S, 1]` float targets). A text model takes a list of S strings, encoded with
-        the run's vocabulary (or int64 items `[S, 2, max_tokens]` already encoded with it). The predictor runs the learner's own evaluation
-        code (`learner.predict`, as `metassl eval`) on this support set and the queries it is
-        given: MAML and Reptile take `inner_steps` SGD steps on the support set (default: the
+        the run's vocabulary (or int64 items `[S, 2, max_tokens]` already encoded with it). The
+        predictor runs the learner's own evaluation code (`learner.predict`, as `metassl eval`)
+        on this support set and the queries it is given: MAML and Reptile take `inner_steps`
+        SGD steps on the support set (default: the
         run's `eval.inner_steps`, else `learner.eval_inner_steps`; sinusoid: 10), ProtoNet and
         Matching Nets compare the queries with its embeddings.
         """
