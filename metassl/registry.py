@@ -184,7 +184,7 @@ def tokenizer_stage(cfg: Config, run_dir: str) -> Config:
                             + ("write the shards again with `metassl generate`, or set data.tokenizer"
                                if what == "generator.shards" else "give an existing tokenizer.json"))
         source["sha256"] = hashlib.sha256(given_text.encode()).hexdigest()
-    record_location = storage_join(str(run_dir), SOURCE_FILE) if is_uri(str(run_dir)) else str(Path(run_dir) / SOURCE_FILE)
+    record_location = _run_file(run_dir, SOURCE_FILE)
     existing = read_tokenizer_text(located.data.tokenizer)
     if existing is not None:
         recorded = read_text(record_location)
@@ -220,10 +220,16 @@ def tokenizer_location(cfg: Config, run_dir: str) -> Config:
     import dataclasses
 
     run_dir = str(run_dir)
-    location = storage_join(run_dir, TOKENIZER_FILE) if is_uri(run_dir) else str(Path(run_dir).resolve() / TOKENIZER_FILE)
+    location = _run_file(run_dir, TOKENIZER_FILE)
     if cfg.data.tokenizer == location:
         return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=location))
+
+
+def _run_file(folder, name: str) -> str:
+    """`folder/name`: a URI in object storage, else an absolute local path (what configs record)."""
+    folder = str(folder)
+    return storage_join(folder, name) if is_uri(folder) else str(Path(folder).resolve() / name)
 
 
 def _write_text(text: str, location: str) -> None:
@@ -242,7 +248,7 @@ def _write_text(text: str, location: str) -> None:
 def save_tokenizer(text: str, folder: str) -> str:
     """Write a tokenizer's JSON as `folder/tokenizer.json` (a local folder or a storage URI); return where."""
     folder = str(folder)
-    location = storage_join(folder, TOKENIZER_FILE) if is_uri(folder) else str(Path(folder).resolve() / TOKENIZER_FILE)
+    location = _run_file(folder, TOKENIZER_FILE)
     _write_text(text, location)
     return location
 
