@@ -63,7 +63,7 @@ class ModelConfig:
     layers: int = 2  # Transformer blocks
     heads: int = 4  # Transformer attention heads (hidden must be a multiple)
     dropout: float = 0.1  # Transformer dropout (also what makes SimCSE's two views differ)
-    pooling: str = "mean"  # Transformer: mean | attention (a learned softmax weight per token)
+    pooling: str = "mean"  # Transformer: mean | attention (learned weights) | first_last (word embeddings beside final states)
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ class Config:
 CHOICES = {
     "model.backbone": ("conv4", "mlp", "transformer"),
     "data.class_split": ("primary", "domain_disjoint"),
-    "model.pooling": ("mean", "attention"),
+    "model.pooling": ("mean", "attention", "first_last"),
     "model.norm": ("layer", "group", "batch", "batch_transductive", "none"),
     "learner.name": ("maml", "fomaml", "reptile", "protonet", "matchingnet"),
     "optim.optimizer": ("adam", "sgd"),

@@ -24,13 +24,15 @@ from metassl.ssl.losses import nt_xent, rotation_loss
 class SSLHeads(nn.Module):
     """A SimCLR projection MLP (`dim -> dim -> proj_dim`) and the pretext head: a 4-way rotation
     classifier for images, or for texts (`vocab_size` set) a masked-token predictor over the
-    vocabulary (`dim -> dim`, GELU, LayerNorm, `-> vocab_size`, as BERT's)."""
+    vocabulary (`token_dim -> token_dim`, GELU, LayerNorm, `-> vocab_size`, as BERT's; `token_dim`
+    is the width of a token's state, `dim` by default)."""
 
-    def __init__(self, dim: int, proj_dim: int = 64, vocab_size: int | None = None):
+    def __init__(self, dim: int, proj_dim: int = 64, vocab_size: int | None = None, token_dim: int | None = None):
         super().__init__()
         self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
         if vocab_size:
-            self.mlm = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, vocab_size))
+            t = token_dim or dim
+            self.mlm = nn.Sequential(nn.Linear(t, t), nn.GELU(), nn.LayerNorm(t), nn.Linear(t, vocab_size))
         else:
             self.rotation = nn.Linear(dim, 4)
 

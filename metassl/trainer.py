@@ -270,7 +270,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     text = text_settings(cfg)
     # a text run's vocabulary travels in its checkpoints: they evaluate anywhere with the ids they learned
     vocabulary = read_tokenizer_text(cfg.data.tokenizer) if text and cfg.data.tokenizer else None
-    heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim, text and text["vocab_size"])
+    heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim, text and text["vocab_size"],
+                     getattr(model, "token_dim", None))
     head_params = ({k: v.detach().clone().to(device).requires_grad_() for k, v in heads.named_parameters()}
                    if use_ssl else {})
     ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature,

@@ -229,7 +229,7 @@ def test_text_episodes_round_trip_through_parquet_bit_for_bit(corpus_file, tmp_p
 
 # --- the backbone and text runs -----------------------------------------------------------
 
-@pytest.mark.parametrize("pooling", ["mean", "attention"])
+@pytest.mark.parametrize("pooling", ["mean", "attention", "first_last"])
 def test_the_transformer_ignores_padding(pooling):
     from metassl.models.transformer import TextTransformer
 
@@ -244,7 +244,7 @@ def test_the_transformer_ignores_padding(pooling):
     junk = short.clone()
     junk[0, 0, 5:] = 42  # other ids behind a zero attention mask
     out = model(short)
-    assert out.shape == (1, 16)
+    assert out.shape == (1, 32 if pooling == "first_last" else 16)
     assert torch.allclose(out, model(longer), atol=1e-5) and torch.allclose(out, model(junk), atol=1e-5)
 
 
@@ -398,6 +398,35 @@ def test_word_dropout_views_keep_a_word_and_are_a_function_of_the_episode(corpus
     real = lambda x: (x[:, 1].sum(1) - 2)  # noqa: E731  word pieces besides [CLS] and [SEP]
     assert (real(a.ssl_x1) >= 1).all() and (real(a.ssl_x2) >= 1).all()
     assert (real(a.ssl_x1) <= real(a.rot_x)).all()  # views only drop words
+
+
+def test_first_last_pooling_is_the_word_bag_beside_the_final_states():
+    from metassl.models.transformer import TextTransformer
+
+    torch.manual_seed(0)
+    model = TextTransformer(vocab_size=50, max_tokens=8, hidden=16, layers=1, heads=2, dropout=0.0,
+                            pooling="first_last").eval()
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0, 0], [2, 11, 9, 3, 0, 0, 0, 0]])
+    x = torch.stack([ids, (ids != 0).long()], 1)
+    out = model(x)
+    first, last = out[:, :16], out[:, 16:]
+    words = model.features.tokens.weight[ids]
+    bag = [words[0, :5].mean(0), words[1, :4].mean(0)]  # [CLS], the word pieces and [SEP]
+    for i in range(2):
+        assert torch.allclose(first[i], torch.nn.functional.normalize(bag[i], dim=0) * 4, atol=1e-5)
+        assert torch.allclose(last[i].norm(), torch.tensor(4.0), atol=1e-5)
+        assert torch.allclose(last[i] / 4, torch.nn.functional.normalize(model.features(x, tokens=True)[i, :5 - i].mean(0), dim=0), atol=1e-5)
+    cosine = torch.nn.functional.cosine_similarity
+    both = (cosine(first[0], first[1], dim=0) + cosine(last[0], last[1], dim=0)) / 2
+    assert torch.allclose(cosine(out[0], out[1], dim=0), both, atol=1e-6)
+
+
+def test_first_last_pooling_trains_with_masked_language_modelling_and_simcse(corpus_file, tmp_path):
+    # the pooled text is 2 x hidden wide, a token's state hidden: the SSL heads take each its own
+    result = run_local(text_cfg(corpus_file, "model.pooling=first_last", "train.steps=2", "train.val_every=0",
+                                "eval.episodes=4", "generator.kind=smlmt", "generator.actors=0",
+                                "generator.ssl_views=true", "objective.ssl_weight=1.0"), tmp_path, log=_quiet)
+    assert result["steps"] == 2 and 0 <= result["test"]["mean"] <= 1
 
 
 @pytest.mark.parametrize("learner", [

@@ -3,9 +3,12 @@
 Input: `[batch, 2, L]` int64 items (row 0 token ids, row 1 attention mask; see
 metassl.data.tokenizer). Token embeddings plus learned position embeddings go through
 `layers` pre-norm blocks (x + attention(LN(x)), then x + MLP(LN(x)), GELU, 4x width), a final
-LayerNorm, and pooling over the real tokens: their mean (`pooling="mean"`), or a weighted
-mean whose weights are a softmax of a learned score of each state (`"attention"`: the model
-can learn which words matter, as IDF weighting does for bags of words). Padding never enters
+LayerNorm, and pooling over the real tokens: their mean (`pooling="mean"`), a weighted mean
+whose weights are a softmax of a learned score of each state (`"attention"`: the model can
+learn which words matter, as IDF weighting does for bags of words), or `"first_last"`: the
+mean of the word-piece embeddings (the first layer: a bag of words) beside the mean of the
+final states, each scaled to norm sqrt(hidden), so the embedding has 2 x hidden features and
+a cosine between two texts is the mean of the two layers' cosines. Padding never enters
 attention (its keys are masked) nor the pooled embedding. `features` is the encoder: `forward(x)` gives
 the pooled embedding `[batch, hidden]`, `forward(x, tokens=True)` the per-token states
 `[batch, L, hidden]` (what masked-language modelling predicts from). With `out_features`
@@ -20,7 +23,7 @@ from torch import nn
 from metassl.errors import ConfigError
 
 
-POOLINGS = ("mean", "attention")
+POOLINGS = ("mean", "attention", "first_last")
 
 
 class Block(nn.Module):
@@ -55,7 +58,7 @@ class Block(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token and position embeddings, pre-norm blocks, final LayerNorm, masked mean pooling."""
+    """Token and position embeddings, pre-norm blocks, final LayerNorm, masked mean pooling (module doc)."""
 
     def __init__(self, vocab_size: int, max_tokens: int, dim: int, layers: int, heads: int, dropout: float,
                  pooling: str = "mean"):
@@ -72,13 +75,16 @@ class TextEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.score = nn.Linear(dim, 1) if pooling == "attention" else None
+        self.pooling = pooling
+        self.embedding_dim = 2 * dim if pooling == "first_last" else dim
 
     def forward(self, x: torch.Tensor, tokens: bool = False) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]
         if ids.shape[1] > self.positions.shape[0]:
             raise ConfigError(f"texts of {ids.shape[1]} tokens, but the model has positions for "
                               f"{self.positions.shape[0]} (data.max_tokens)")
-        h = self.tokens(ids) + self.positions[: ids.shape[1]]
+        words = self.tokens(ids)
+        h = words + self.positions[: ids.shape[1]]
         h = F.dropout(h, self.dropout, self.training)
         keep = mask.bool()[:, None, None, :]
         for block in self.blocks:
@@ -90,7 +96,12 @@ class TextEncoder(nn.Module):
             scores = self.score(h).squeeze(-1).masked_fill(mask == 0, float("-inf"))
             return (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(1)
         weights = mask.to(h.dtype).unsqueeze(-1)
-        return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        last = (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        if self.pooling != "first_last":
+            return last
+        first = (words * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        scale = h.shape[-1] ** 0.5
+        return torch.cat([F.normalize(first, dim=-1) * scale, F.normalize(last, dim=-1) * scale], dim=-1)
 
 
 class TextTransformer(nn.Module):
@@ -100,8 +111,9 @@ class TextTransformer(nn.Module):
                  dropout: float = 0.1, out_features: int | None = None, pooling: str = "mean"):
         super().__init__()
         self.features = TextEncoder(vocab_size, max_tokens, hidden, layers, heads, dropout, pooling)
-        self.embedding_dim = hidden
-        self.head = nn.Linear(hidden, out_features) if out_features else None
+        self.embedding_dim = self.features.embedding_dim  # of the pooled text
+        self.token_dim = hidden  # of each token's state (what masked-language modelling reads)
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
 
     def forward(self, x: torch.Tensor, reference: int | None = None) -> torch.Tensor:
         z = self.features(x)
