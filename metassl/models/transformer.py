@@ -10,7 +10,7 @@ mean of the word-piece embeddings (the first layer: a bag of words) beside the m
 final states, each scaled to norm sqrt(hidden), so the embedding has 2 x hidden features and
 a cosine between two texts is the mean of the two layers' cosines. Padding never enters
 attention (its keys are masked) nor the pooled embedding. `features` is the encoder: `forward(x)` gives
-the pooled embedding `[batch, hidden]`, `forward(x, tokens=True)` the per-token states
+the pooled embedding `[batch, embedding_dim]` (hidden, or 2 x hidden for first_last), `forward(x, tokens=True)` the per-token states
 `[batch, L, hidden]` (what masked-language modelling predicts from). With `out_features`
 a linear head follows, as on Conv-4.
 """
