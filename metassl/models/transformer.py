@@ -9,10 +9,11 @@ learn which words matter, as IDF weighting does for bags of words), or `"first_l
 mean of the word-piece embeddings (the first layer: a bag of words) beside the mean of the
 final states, each scaled to norm sqrt(hidden), so the embedding has 2 x hidden features and
 a cosine between two texts is the mean of the two layers' cosines. Padding never enters
-attention (its keys are masked) nor the pooled embedding. `features` is the encoder: `forward(x)` gives
-the pooled embedding `[batch, embedding_dim]` (hidden, or 2 x hidden for first_last), `forward(x, tokens=True)` the per-token states
-`[batch, L, hidden]` (what masked-language modelling predicts from). With `out_features`
-a linear head follows, as on Conv-4.
+attention (its keys are masked) nor the pooled embedding. `features` is the encoder:
+`forward(x)` gives the pooled embedding `[batch, embedding_dim]` (hidden, or 2 x hidden for
+first_last), `forward(x, tokens=True)` the per-token states `[batch, L, hidden]` (what
+masked-language modelling predicts from). With `out_features` a linear head follows, as on
+Conv-4.
 """
 from __future__ import annotations
 
@@ -96,10 +97,11 @@ class TextEncoder(nn.Module):
             scores = self.score(h).squeeze(-1).masked_fill(mask == 0, float("-inf"))
             return (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(1)
         weights = mask.to(h.dtype).unsqueeze(-1)
-        last = (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        count = weights.sum(1).clamp_min(1.0)
+        last = (h * weights).sum(1) / count
         if self.pooling != "first_last":
             return last
-        first = (words * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        first = (words * weights).sum(1) / count
         scale = h.shape[-1] ** 0.5
         return torch.cat([F.normalize(first, dim=-1) * scale, F.normalize(last, dim=-1) * scale], dim=-1)
 
