@@ -19,8 +19,9 @@ only (`objective.meta_weight=0`: the masked-word tasks are made but not learned 
 recipe on the domain-disjoint split, and the supervised ceiling
 (`experiments/clinc150_supervised.yaml`). Each run is `metassl train --backend local` on
 one core (`train.threads=1`, episodes made in the training process), `--at-once` at a time;
-meta-val selects each checkpoint; then every run is evaluated as `eval` does. A run
-directory that already holds a result.json is kept (an interrupted benchmark continues).
+meta-val selects each checkpoint; then every run is evaluated as `eval` does, `--at-once`
+runs side by side. A run directory that already holds a result.json (and test_cells.json) is
+kept: an interrupted benchmark continues.
 
 All methods see the same episodes: support from an intent's `train` utterances, 15 queries
 from its `test` utterances, 5-way and 10-way, 1 and 5 shots, 1000 episodes of seed 0
@@ -143,13 +144,25 @@ def ablate(names: list[str], minutes: float, out: Path, at_once: int, folder: st
             if proc.wait() != 0:
                 sys.exit(f"{name} failed: see {out / (name + '.log')}")
             log.close()
+    # Evaluation is single-threaded: `at_once` runs are evaluated side by side, each by a process of
+    # its own that leaves its cells in RUN/test_cells.json (kept, like result.json, on a re-run).
+    pending = [n for n in names if not (out / n / "test_cells.json").is_file()]
+    for i in range(0, len(pending), at_once):
+        procs = [(n, subprocess.Popen([sys.executable, __file__, "eval", str(out / n), "--cells-to",
+                                       str(out / n / "test_cells.json")], cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                 for n in pending[i:i + at_once]]
+        for name, proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                sys.exit(f"evaluating {name} failed:\n{err.decode()[-2000:]}")
     print(f"each run: --backend local, one core, train.max_minutes={minutes:g}, {at_once} at a time")
     print("| variant | steps | train min | best meta-val % | 5w1s | 5w5s | 10w1s | 10w5s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         result = json.loads((out / name / "result.json").read_text())
         val = max(v for _, v in result["val_history"])
-        (_, cells), = learned(str(out / name), False)
+        cells = json.loads((out / name / "test_cells.json").read_text())
         print(f"| {VARIANTS[name][2]} | {result['steps']} | {result['train_minutes']:.1f} | {100 * val:.2f} | "
               + " | ".join(cells) + " |", flush=True)
 
@@ -162,6 +175,7 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("runs", nargs="+")
     e.add_argument("--untrained", action="store_true")
+    e.add_argument("--cells-to", help="also write the (single) run's cells to this JSON file")
     a = sub.add_parser("ablate")
     a.add_argument("--minutes", type=float, default=25.0, help="train.max_minutes of each run")
     a.add_argument("--out", default="runs/bench/text")
@@ -180,9 +194,13 @@ def main() -> None:
         cells = tfidf(args.class_split, shared_clinc())
         print(f"| TF-IDF nearest prototype ({args.class_split} split) | " + " | ".join(cells) + " |")
         return
+    if args.cells_to and (len(args.runs) != 1 or args.untrained):
+        sys.exit("--cells-to takes one run and no --untrained")
     for run in args.runs:
         for label, cells in learned(run, args.untrained):
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+            if args.cells_to:
+                Path(args.cells_to).write_text(json.dumps(cells))
 
 
 if __name__ == "__main__":
