@@ -169,6 +169,10 @@ class GenerativeConfig:
     noise: float = 0.5  # std of the Gaussian noise added to every instance code
     interpolate: float = 0.2  # ro/oc: fraction of the way toward the random vector / other anchor
     views: bool = False  # show random views (generator.augment) of the decoded images
+    # with the self-improving loop (generator.encoder: model): at each refresh point, continue the
+    # fit this many steps (its own settings, optimizer state and random stream) before the next
+    # episodes are decoded; 0: the fitted model throughout
+    refit_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -314,6 +318,7 @@ NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
                 "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
                 "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise",
+                "generator.generative.refit_steps",
                 "objective.mlm", "objective.meta_weight", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences"]
 
 
@@ -369,7 +374,7 @@ AT_MOST = {
     "data.image_size": 4096, "model.hidden": 65_536, "objective.proj_dim": 65_536,
     "generator.embedding_dim": 65_536, "generator.generative.latent_dim": 65_536,
     "generator.generative.hidden": 4096, "generator.generative.batch_size": 1_000_000,
-    "generator.generative.steps": 10**9,
+    "generator.generative.steps": 10**9, "generator.generative.refit_steps": 10**9,
     "data.vocab_size": 1_000_000, "data.max_tokens": 8192, "model.layers": 256, "model.heads": 1024,
     "generator.smlmt.ssl_texts": 100_000, "generator.smlmt.skip_top": 10**9, "generator.smlmt.min_sentences": 10**9,
 }
@@ -586,6 +591,12 @@ def _validate_generative(cfg: Config) -> None:
                           "(model: gan) has none: leave decoder at its default")
     if gen.checkpoint is not None:
         _check_text(gen.checkpoint, "generator.generative.checkpoint")
+    if gen.refit_steps and not ("generative" in generator_kinds(cfg) and "cluster" in generator_kinds(cfg)
+                                and g.encoder == "model" and not g.shards):
+        raise ConfigError(f"generator.generative.refit_steps={gen.refit_steps} continues the generative fit at the "
+                          "self-improving loop's refresh points: it needs generative episodes beside clusters of "
+                          "the network's own embedding (generator.kind: mix with cluster and generative, "
+                          "generator.encoder: model), and no generator.shards")
 
 
 def actors_per_worker(requested: int, workers: int, cpus: float) -> int:

@@ -290,7 +290,7 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
         from metassl.generate.smlmt import SMLMTEpisodes
         return SMLMTEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.smlmt, seed=seed, ssl_views=g.ssl_views)
     if g.kind == "mix":
-        return MixedEpisodes({kind: build_generator(_with_kind(cfg, kind), images, encoder, generative)
+        return MixedEpisodes({kind: build_generator(mix_member(cfg, kind), images, encoder, generative)
                               for kind in g.mix}, g.mix)
     if g.kind == "augment":
         return AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment, seed=seed,
@@ -320,11 +320,14 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
     raise ConfigError(f"generator.kind={g.kind!r} has no generator; valid: {list(CHOICES['generator.kind'][1:])}")
 
 
-def _with_kind(cfg: Config, kind: str) -> Config:
-    """The config of one member of a mix: the self-improving settings stay with the cluster member."""
+def mix_member(cfg: Config, kind: str) -> Config:
+    """The config of one member of a mix: the self-improving settings stay with the cluster member
+    (a refit is the trainer's: its decoder reaches the generative member with the encoder)."""
     import dataclasses
     loop = {} if kind == "cluster" else {"warmup_steps": 0, "refresh_every": 0, "encoder": "pca"}
-    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, kind=kind, mix={}, **loop))
+    generative = dataclasses.replace(cfg.generator.generative, refit_steps=0)
+    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, kind=kind, mix={},
+                                                                  generative=generative, **loop))
 
 
 def load_generative_for(cfg: Config) -> dict:

@@ -466,6 +466,17 @@ def _validation_lines(run: Run) -> list[str]:
     return lines
 
 
+def _last_refit(run_dir: Path) -> tuple[int, dict] | None:
+    """`(step, refit state)` of the run's last checkpoint when it holds a refitted generative model."""
+    from metassl import checkpoint
+
+    last = checkpoint.latest(run_dir)
+    if last is None:
+        return None
+    state = checkpoint.load(last)
+    return (state["step"], state["generative_refit"]) if state.get("generative_refit") else None
+
+
 def write_report(run_dir: str | Path, *, episodes_png: bool = True) -> dict[str, Path]:
     """Write `curves.png`, `episodes.png` (generated episodes, when `episodes_png`) and `report.md`
     into a local run directory; return their paths by kind ("curves", "episodes", "report").
@@ -493,13 +504,18 @@ def write_report(run_dir: str | Path, *, episodes_png: bool = True) -> dict[str,
             written["episodes"] = draw_episodes(records, run.path / "episodes.png")
         except MetasslError as e:  # data not reachable from here, or not images: the report goes on
             notes.append(f"No episodes.png: {e}")
-    pictures = {}
+    pictures, refitted = {}, None
     if run.cfg is not None and needs_generative(run.cfg) and run.cfg.generator.generative.checkpoint:
         try:
             from metassl.registry import load_generative_for, load_unlabelled
             state = load_generative_for(run.cfg)
-            pictures = write_pictures(state["params"], load_unlabelled(run.cfg), run.path, prefix="generative_")
+            images = load_unlabelled(run.cfg)
+            pictures = write_pictures(state["params"], images, run.path, prefix="generative_")
             written.update({f"generative_{k}": v for k, v in pictures.items()})
+            refitted = _last_refit(run.path)  # generator.generative.refit_steps: the decoder at the end
+            if refitted is not None:
+                refit_pictures = write_pictures(refitted[1]["params"], images, run.path, prefix="generative_refit_")
+                written.update({f"generative_refit_{k}": v for k, v in refit_pictures.items()})
         except MetasslError as e:
             notes.append(f"No pictures of the generative model: {e}")
     lines = [f"# {run.name}", "", f"Run directory: `{run.path}`", "", "| | |", "|---|---|"]
@@ -521,6 +537,12 @@ def write_report(run_dir: str | Path, *, episodes_png: bool = True) -> dict[str,
                   + ":", "", "![generative samples](generative_samples.png)"]
         if "reconstructions" in pictures:
             lines += ["", "![generative reconstructions](generative_reconstructions.png)"]
+        if refitted is not None:
+            lines += ["", f"The same model refitted at the refresh points (generator.generative.refit_steps="
+                          f"{gen.refit_steps}), as the last checkpoint (step {refitted[0]}) holds it: fit step "
+                          f"{refitted[1]['step']}:", "", "![refitted samples](generative_refit_samples.png)"]
+            if (run.path / "generative_refit_reconstructions.png").is_file():
+                lines += ["", "![refitted reconstructions](generative_refit_reconstructions.png)"]
     lines += [""] + notes + ["", "## TensorBoard", "", f"    tensorboard --logdir {run.path / 'tensorboard'}", ""]
     report = run.path / "report.md"
     report.write_text("\n".join(lines))

@@ -21,7 +21,7 @@ from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, is_text_config, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, eval_shape, evaluate_model
-from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder
+from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder, with_generative
 from metassl.generative.fit import needs_generative
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
@@ -201,6 +201,21 @@ class NonFiniteGuard:
         self.in_a_row = 0
 
 
+def _refit(refit, steps: int, step: int, writer, log) -> None:
+    """Continue the generative fit `steps` steps at the refresh point after outer step `step`; rank 0 logs it."""
+    from metassl.generative.fit import GRID, image_grid, samples
+
+    t0 = time.perf_counter()
+    losses = refit.advance(steps)
+    if writer is None:
+        return
+    for k, v in losses.items():
+        writer.add_scalar(f"gen/refit_{k}", v, step)
+    writer.add_image("gen/refit_samples", image_grid(samples(refit.weights(), GRID * GRID), GRID), step)
+    log(f"step {step}: generative model refitted to fit step {refit.step} in {time.perf_counter() - t0:.1f} s ("
+        + ", ".join(f"{k} {v:.4g}" for k, v in losses.items()) + ")")
+
+
 class Progress:
     """Console progress lines: step, loss, accuracy, validation, episodes/s and ETA."""
 
@@ -326,6 +341,16 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             encoder = (cpu_weights({**params, **buffers}), 1)
     train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder,
                                  actors=ctx.generator_actors, actor_cpus=ctx.actor_cpus)
+    # generator.generative.refit_steps: the generative model's fit goes on at each refresh point
+    # (on every worker alike), and the refitted decoder is published beside the encoder
+    refit = None
+    if refresh and gen.generative.refit_steps:
+        from metassl.generative.fit import Refit
+        from metassl.registry import load_generative_for, load_unlabelled
+
+        refit = Refit(load_generative_for(cfg), load_unlabelled(cfg), ctx.rank, ctx.world, device)
+        if resumed is not None and resumed[0].get("generative_refit"):
+            refit.load_state_dict(resumed[0]["generative_refit"])
     writer = None
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -362,6 +387,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             "torch_rng": torch.get_rng_state(), "best_val": best, "val_history": history,
             "loss_history": losses, "resumed_at": resumes, "skipped_steps": guard.skipped,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
+            "generative_refit": refit.state_dict() if refit is not None else None,
             **({"tokenizer": vocabulary} if vocabulary is not None else {}),
         })
         if is_best or (val is None and not checkpoint.best_path(run_dir).exists()):
@@ -421,7 +447,11 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         # which encoder makes an episode never depends on actors, chunks or restarts
         version = encoder_version(cfg, step)
         if refresh and version != encoder_version(cfg, step - 1):  # a refresh point: batch(step) needs it
-            encoder = (cpu_weights({**params, **buffers}), version)
+            weights = cpu_weights({**params, **buffers})
+            if refit is not None:
+                _refit(refit, gen.generative.refit_steps, step, writer, log)
+                weights = with_generative(weights, refit.weights())
+            encoder = (weights, version)
             train_tasks.refresh_encoder(*encoder)
         out_of_time = distributed.any_true(time.perf_counter() > deadline)
         last = step == cfg.train.steps or out_of_time

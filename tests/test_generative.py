@@ -344,3 +344,66 @@ def test_mix_with_the_self_improving_cluster_loop_keeps_encoder_versions(fitted)
         seen += [(r.generator, r.encoder_version) for r in batch.records]
     assert {g for g, _ in seen} == {"cluster", "generative", "augment"}  # augment: the cluster part's warm-up
     assert [v for _, v in seen] == [encoder_version(cfg, i // 2) for i in range(10)]
+
+
+def test_refit_continues_the_fit_and_decodes_the_episodes_after_each_refresh(fitted, images, tmp_path):
+    from metassl.generate.source import VersionedGenerator, split_generative, with_generative
+    from metassl.generative.fit import Refit
+    from metassl.registry import mix_member
+    from metassl.trainer import run_local
+
+    short = dataclasses.replace(CFG, generator=dataclasses.replace(
+        CFG.generator, generative=dataclasses.replace(CFG.generator.generative, steps=20)))
+    run_fit_local(short, tmp_path / "short", log=lambda line: None)
+    refit = Refit(load_generative(tmp_path / "short"), images)
+    refit.advance(20)  # 20 steps, then 20 more: the 40-step fit exactly
+    whole = load_generative(fitted)["params"]
+    assert refit.step == 40 and all(torch.equal(refit.weights()[k], whole[k]) for k in whole)
+
+    def mix(steps, *more):
+        return config.load("experiments/digits_protonet.yaml", [
+            "generator.kind=mix", "generator.mix={cluster: 0.5, generative: 0.5}", "generator.encoder=model",
+            "generator.warmup_steps=2", "generator.refresh_every=2", "generator.clusters=10",
+            "generator.partitions=1", "generator.actors=0", "episodes.n_way=3", "episodes.k_shot=1",
+            "episodes.n_query=2", "episodes.meta_batch=2", "model.hidden=8", "generator.generative.threshold=2.0",
+            f"generator.generative.checkpoint={tmp_path / 'short'}", "generator.generative.refit_steps=5",
+            f"train.steps={steps}", "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.val_every=3",
+            "train.val_episodes=4", "eval.episodes=4", "train.log_every=1", "train.threads=1", *more])
+
+    lines = []
+    run_local(mix(5), tmp_path / "run", log=lines.append)
+    states = [checkpoint.load(checkpoint.step_path(tmp_path / "run", s)) for s in range(1, 6)]
+    # refits after steps 2 and 4 (the refresh points), 5 fit steps each, published with the encoder
+    assert [s["generative_refit"]["step"] for s in states] == [20, 25, 25, 30, 30]
+    assert sum("generative model refitted to fit step" in line for line in lines) == 2
+    encoder, decoder = split_generative(states[3]["encoder"]["weights"])
+    assert states[3]["encoder"]["version"] == 5 and "generative/" not in "".join(encoder)
+    assert all(torch.equal(decoder[k], states[3]["generative_refit"]["params"][k]) for k in decoder)
+    # the generative episodes after a refresh are decoded with the refitted parameters
+    cfg = mix(5)
+    versioned = VersionedGenerator(cfg, images)
+    source = versioned.at(5, states[3]["encoder"]["weights"])
+    i = next(i for i in range(20) if mix_kind(cfg.generator.mix, i) == "generative")
+    expected = build_generator(mix_member(cfg, "generative"), images, generative={"params": decoder}).record(i)
+    assert torch.equal(source.record(i).episode.support_x, expected.episode.support_x)
+    assert not torch.equal(build_generator(cfg, images).record(i).episode.support_x, expected.episode.support_x)
+    later = versioned.at(7, with_generative(encoder, None))  # a publish without a refit keeps the decoder
+    assert torch.equal(later.record(i).episode.support_x, expected.episode.support_x)
+    from metassl.report import write_report
+    write_report(tmp_path / "run", episodes_png=False)
+    assert "refitted at the refresh points" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "generative_refit_samples.png").is_file()
+    # a resumed run refits from where the checkpoint left off
+    run_local(mix(3), tmp_path / "split", log=lambda line: None)
+    run_local(mix(5), tmp_path / "split", log=lambda line: None)
+    resumed = checkpoint.load(checkpoint.step_path(tmp_path / "split", 5))
+    for k in states[4]["params"]:
+        assert torch.equal(resumed["params"][k], states[4]["params"][k]), k
+    for k, v in states[4]["generative_refit"]["params"].items():
+        assert torch.equal(resumed["generative_refit"]["params"][k], v), k
+
+
+def test_refit_needs_the_self_improving_mix():
+    with pytest.raises(ConfigError, match="refit_steps=5 continues the generative fit"):
+        config.load("experiments/digits_protonet.yaml", ["generator.kind=generative",
+                                                          "generator.generative.refit_steps=5"])

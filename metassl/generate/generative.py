@@ -56,6 +56,13 @@ class GenerativeEpisodes(RecordSource):
         task_codes(np.random.default_rng(0), strategy, self.n_way, 1, self.dim, threshold=threshold,
                    noise=noise, interpolate=interpolate)  # a threshold that cannot be met fails here
 
+    def set_generative(self, params: dict) -> None:
+        """Decode with these parameters from now on (a refitted model: `generator.generative.refit_steps`)."""
+        params = {k: v.detach().float().cpu() for k, v in params.items()}
+        if set(params) != set(self.params) or latent_dim_of(params) != self.dim:
+            raise DataError("the refitted generative parameters are not those of the model being decoded")
+        self.params = params
+
     def codes(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """`(codes [N, K + Q, D], anchors [N, D], seed of the view generator)` of episode `index`."""
         rng = np.random.default_rng([self.seed, check_int("episode index", index, 0)])
@@ -134,6 +141,11 @@ class MixedEpisodes(RecordSource):
             raise DataError("no generator of this mix embeds with an encoder")
         for source in embedding:
             source.set_encoder(embed, version)
+
+    def set_generative(self, params: dict) -> None:
+        if "generative" not in self.sources:
+            raise DataError("this mix has no generative episodes to decode with refitted parameters")
+        self.sources["generative"].set_generative(params)
 
     def record(self, index: int) -> EpisodeRecord:
         record = self.sources[mix_kind(self.weights, index)].record(index)

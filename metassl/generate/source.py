@@ -53,6 +53,22 @@ def encoder_version(cfg: Config, step: int) -> int:
     return last + 1
 
 
+GENERATIVE = "generative/"  # published weights under this prefix are a refitted generative model's
+
+
+def with_generative(weights: dict, generative: dict | None) -> dict:
+    """An encoder's published weights, with a refitted generative model's parameters beside them."""
+    return {**weights, **{GENERATIVE + k: v for k, v in (generative or {}).items()}}
+
+
+def split_generative(weights: dict | None) -> tuple[dict | None, dict | None]:
+    """`(encoder weights, refitted generative parameters or None)` of published weights."""
+    if weights is None:
+        return None, None
+    generative = {k[len(GENERATIVE):]: v for k, v in weights.items() if k.startswith(GENERATIVE)}
+    return {k: v for k, v in weights.items() if not k.startswith(GENERATIVE)}, generative or None
+
+
 class VersionedGenerator:
     """The run's generator (`build_generator`) switched to the encoder version each caller asks for.
 
@@ -82,14 +98,18 @@ class VersionedGenerator:
         version = check_int("encoder version", version, 0)
         if version and weights is None:
             raise DataError(f"encoder version {version} is needed but its weights were not given")
+        weights, refitted = split_generative(weights)
         # An embedder starts as a freshly initialised network, drawn from torch's global RNG:
         # fork it, so the trainer's random stream does not depend on where episodes are made.
         with torch.random.fork_rng(devices=[]):
             if self.source is None or not version:
+                generative = self.generative if refitted is None else {**(self.generative or {}), "params": refitted}
                 self.source = build_generator(self.cfg, self.images, (weights, version) if version else None,
-                                              self.generative)
+                                              generative)
             else:
                 self.source.set_encoder(model_embedder(self.cfg, weights), version)
+                if refitted is not None:
+                    self.source.set_generative(refitted)
         self.version = version
         self.switches += 1
         return self.source

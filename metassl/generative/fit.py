@@ -117,7 +117,7 @@ def check_fits(state: dict, cfg: Config) -> None:
                           "classes: fit one on this data")
 
 
-def _grid(images: torch.Tensor, side: int) -> torch.Tensor:
+def image_grid(images: torch.Tensor, side: int) -> torch.Tensor:
     """Tile `side * side` images `[B, C, H, W]` into one `[C, side*H, side*W]` image (missing tiles black)."""
     c, h, w = images.shape[1:]
     canvas = torch.zeros(c, side * h, side * w)
@@ -150,13 +150,13 @@ def write_pictures(params: dict, images: torch.Tensor, folder: str | Path, seed:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = {"samples": folder / f"{prefix}samples.png"}
-    pictures = {"samples": _grid(samples(params, GRID * GRID, seed), GRID)}
+    pictures = {"samples": image_grid(samples(params, GRID * GRID, seed), GRID)}
     if model_of(params) == "vae":
         pick = np.random.default_rng(seed).choice(len(images), size=GRID * GRID // 2, replace=False)
         x = images[torch.from_numpy(pick)]
         rows = torch.stack([x.view(GRID // 2, GRID, *x.shape[1:]),
                             reconstructions(params, x).view(GRID // 2, GRID, *x.shape[1:])], 1)
-        pictures["reconstructions"] = _grid(rows.reshape(-1, *x.shape[1:]), GRID)
+        pictures["reconstructions"] = image_grid(rows.reshape(-1, *x.shape[1:]), GRID)
         out["reconstructions"] = folder / f"{prefix}reconstructions.png"
     for name, grid in pictures.items():
         array = grid.permute(1, 2, 0).numpy()
@@ -200,10 +200,7 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
     device = ctx.device  # images stay on the CPU; each batch goes to the device
     params = {k: v.to(device).requires_grad_() for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
-    groups = {"vae": [k for k in params]} if gen.model == "vae" else {
-        "d": [k for k in params if k.startswith("D.")], "g": [k for k in params if k.startswith("G.")]}
-    betas = GAN_BETAS if gen.model == "gan" else (0.9, 0.999)
-    opts = {name: torch.optim.Adam([params[k] for k in keys], lr=gen.lr, betas=betas) for name, keys in groups.items()}
+    groups, opts = _optimizers(gen.model, params, gen.lr)
 
     store = RunStore(run_dir)
     if lead:
@@ -230,7 +227,6 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump(cfg, run_dir / "config.yaml")
         writer = SummaryWriter(str(run_dir / "tensorboard"))
-    per = gen.batch_size // ctx.world
     deadline = time.perf_counter() + 60 * gen.max_minutes if gen.max_minutes else math.inf
     t0, window_t, window_steps, step = time.perf_counter(), time.perf_counter(), 0, start
 
@@ -247,25 +243,8 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
         return path
 
     while step < gen.steps:
-        rng = np.random.default_rng([cfg.seed, FIT_STREAM, step])
-        rows = rng.choice(len(images), size=gen.batch_size, replace=False)[ctx.rank * per:(ctx.rank + 1) * per]
-        noise = torch.Generator().manual_seed(int(rng.integers(2**62)) + ctx.rank)
-        x = images[torch.from_numpy(rows)].to(device)
-        if gen.model == "vae":
-            loss, metrics = vae_loss(params, x, noise, gen.beta)
-            _step(opts["vae"], [params[k] for k in groups["vae"]], loss)
-        else:
-            d_loss, g_loss, metrics = gan_losses(params, buffers, x, noise)
-            # a simultaneous update: both gradients come from this step's forward pass
-            d_params, g_params = [params[k] for k in groups["d"]], [params[k] for k in groups["g"]]
-            d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
-            g_grads = torch.autograd.grad(g_loss, g_params)
-            _apply(opts["d"], d_params, d_grads)
-            _apply(opts["g"], g_params, g_grads)  # the power-iteration vectors stay equal on every
-            # worker: they are a function of D's weights, which the averaged updates keep equal
-        if distributed.any_true(not all(math.isfinite(v) for v in metrics.values())):  # every rank stops
-            raise DataError(f"the {gen.model} fit diverged at step {step + 1} (this worker's losses: {metrics}); lower "
-                            f"generator.generative.lr (now {gen.lr})")
+        metrics = fit_step(gen.model, params, buffers, groups, opts, images, step, seed=cfg.seed,
+                           batch_size=gen.batch_size, beta=gen.beta, lr=gen.lr, rank=ctx.rank, world=ctx.world)
         step += 1
         window_steps += 1
         out_of_time = distributed.any_true(time.perf_counter() > deadline)
@@ -284,7 +263,7 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
                     + f" | {rate:.0f} images/s")
             ctx.report({**metrics, "step": step}, None)
         if lead and (step % gen.sample_every == 0 or last):
-            writer.add_image("samples", _grid(samples(params, GRID * GRID), GRID), step)
+            writer.add_image("samples", image_grid(samples(params, GRID * GRID), GRID), step)
         if step % cfg.train.checkpoint_every == 0 or last:
             saved = save(step) if lead else None
             ctx.report({"step": step}, saved)
@@ -307,6 +286,102 @@ def fit_loop(cfg: Config, run_dir: str | Path, ctx, log=print) -> dict | None:
     log(f"{gen.model} fitted in {result['train_minutes']:.1f} min: {run_dir / 'checkpoints' / 'best.pt'} "
         f"(samples: {pictures['samples']})")
     return result
+
+
+def _optimizers(model: str, params: dict, lr: float) -> tuple[dict, dict]:
+    """`(groups, optimizers)`: Adam over all of a VAE's parameters; for a GAN, one Adam for D and one for G."""
+    groups = {"vae": list(params)} if model == "vae" else {
+        "d": [k for k in params if k.startswith("D.")], "g": [k for k in params if k.startswith("G.")]}
+    betas = GAN_BETAS if model == "gan" else (0.9, 0.999)
+    return groups, {name: torch.optim.Adam([params[k] for k in keys], lr=lr, betas=betas)
+                    for name, keys in groups.items()}
+
+
+def fit_step(model: str, params: dict, buffers: dict, groups: dict, opts: dict, images: torch.Tensor, step: int, *,
+             seed: int, batch_size: int, beta: float, lr: float, rank: int = 0, world: int = 1) -> dict:
+    """Fit step `step` (0-based) on worker `rank` of `world`; returns this worker's losses.
+
+    The batch is `batch_size` images drawn from the stream `[seed, FIT_STREAM, step]`, each
+    worker taking its share; gradients are averaged over the workers. DataError on every
+    worker alike when a loss is not finite.
+    """
+    per = batch_size // world
+    rng = np.random.default_rng([seed, FIT_STREAM, step])
+    rows = rng.choice(len(images), size=batch_size, replace=False)[rank * per:(rank + 1) * per]
+    noise = torch.Generator().manual_seed(int(rng.integers(2**62)) + rank)
+    x = images[torch.from_numpy(rows)].to(next(iter(params.values())).device)
+    if model == "vae":
+        loss, metrics = vae_loss(params, x, noise, beta)
+        _step(opts["vae"], [params[k] for k in groups["vae"]], loss)
+    else:
+        d_loss, g_loss, metrics = gan_losses(params, buffers, x, noise)
+        # a simultaneous update: both gradients come from this step's forward pass
+        d_params, g_params = [params[k] for k in groups["d"]], [params[k] for k in groups["g"]]
+        d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
+        g_grads = torch.autograd.grad(g_loss, g_params)
+        _apply(opts["d"], d_params, d_grads)
+        _apply(opts["g"], g_params, g_grads)  # the power-iteration vectors stay equal on every
+        # worker: they are a function of D's weights, which the averaged updates keep equal
+    if distributed.any_true(not all(math.isfinite(v) for v in metrics.values())):  # every rank stops
+        raise DataError(f"the {model} fit diverged at step {step + 1} (this worker's losses: {metrics}); lower "
+                        f"generator.generative.lr (now {lr})")
+    return metrics
+
+
+class Refit:
+    """A fitted model's fit, continued at the self-improving loop's refresh points (`refit_steps`).
+
+    Built from a fitted checkpoint (`load_generative`) with its optimizer state, it runs the
+    fit's next steps with the fit's own settings (seed, batch size, learning rate, beta) and
+    random stream, so `advance(n)` after a fit of `s` steps gives the model a fit of `s + n`
+    steps would. Every worker holds one and advances it alike (gradients all-reduced), so
+    all of them publish the same weights. `state_dict()` goes into the run's checkpoints.
+    """
+
+    def __init__(self, state: dict, images: torch.Tensor, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu"):
+        settings = state["generative"]
+        self.model, self.seed = settings["model"], int(state["config"]["seed"])
+        self.batch_size, self.beta, self.lr = settings["batch_size"], settings["beta"], settings["lr"]
+        if self.batch_size % world:
+            raise ConfigError(f"generator.generative.refit_steps: the fit's batch_size={self.batch_size} must be a "
+                              f"multiple of the {world} workers")
+        if "optimizer" not in state:
+            raise CheckpointError(f"{state.get('path', '')!r} has no optimizer state: it cannot be refitted")
+        self.images, self.rank, self.world, self.device = images, rank, world, device
+        self.params = {k: v.detach().clone().to(device).requires_grad_() for k, v in state["params"].items()}
+        self.buffers = {k: v.detach().clone().to(device) for k, v in state["buffers"].items()}
+        self.groups, self.opts = _optimizers(self.model, self.params, self.lr)
+        for name, opt in self.opts.items():
+            opt.load_state_dict(state["optimizer"][name])
+        self.step = int(state["step"])
+
+    def advance(self, steps: int) -> dict:
+        """Run the fit's next `steps` steps; return the losses of the last one (averaged over workers)."""
+        metrics = {}
+        for _ in range(steps):
+            metrics = fit_step(self.model, self.params, self.buffers, self.groups, self.opts, self.images,
+                               self.step, seed=self.seed, batch_size=self.batch_size, beta=self.beta, lr=self.lr,
+                               rank=self.rank, world=self.world)
+            self.step += 1
+        return distributed.average_metrics(metrics) if metrics else {}
+
+    def weights(self) -> dict:
+        """CPU copies of the decoder's current parameters (what episodes are decoded with)."""
+        return {k: v.detach().cpu().clone() for k, v in self.params.items()}
+
+    def state_dict(self) -> dict:
+        return {"params": self.weights(), "buffers": {k: v.cpu() for k, v in self.buffers.items()},
+                "optimizer": {k: o.state_dict() for k, o in self.opts.items()}, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                self.params[k].copy_(v)
+        self.buffers.update({k: v.to(self.device) for k, v in state["buffers"].items()})
+        for name, opt in self.opts.items():
+            opt.load_state_dict(state["optimizer"][name])
+        self.step = int(state["step"])
 
 
 def _step(opt, params: list, loss: torch.Tensor) -> None:
