@@ -76,6 +76,9 @@ class LearnerConfig:
     eval_inner_steps: int | None = None  # inner steps at evaluation; None: inner_steps
     first_order: bool = False  # MAML without second-order terms (implied by fomaml)
     vectorize: bool = False  # MAML: vmap over the tasks of a meta-batch instead of a loop
+    # MAML loop: each task's query pass differentiated at once (first order, its graph freed),
+    # the inner-loop chain rule carried by a surrogate; false: one graph for the meta-batch
+    split_query: bool = True
     learn_inner_lr: bool = False  # MAML: Meta-SGD, a learned step size per weight (starting at inner_lr)
     # MAML: every task's inner loop starts from a zero head as wide as the episode (the zeroing
     # trick), so one model adapts to any N-way and classes are not tied to output units

@@ -29,7 +29,7 @@ def build_learner(cfg: Config):
     lc = cfg.learner
     if lc.name in ("maml", "fomaml"):
         return MAML(lc.inner_lr, lc.inner_steps, first_order=lc.first_order or lc.name == "fomaml",
-                    eval_inner_steps=lc.eval_inner_steps, vectorize=lc.vectorize,
+                    eval_inner_steps=lc.eval_inner_steps, vectorize=lc.vectorize, split_query=lc.split_query,
                     learn_inner_lr=lc.learn_inner_lr, zero_head=lc.zero_head, head_only=lc.head_only)
     if lc.name == "reptile":
         return Reptile(lc.inner_lr, lc.inner_steps, eval_inner_steps=lc.eval_inner_steps)

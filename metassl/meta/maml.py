@@ -29,6 +29,12 @@ class MAML:
     the tasks of a meta-batch. `first_order=True` drops the second-order terms.
     `vectorize=True` maps the tasks with `torch.func.vmap` instead of a Python loop
     (needs a model without batch statistics that are tracked in place).
+    `split_query=True` (the default) differentiates each task's query loss with respect to
+    its adapted weights at once, as a first-order pass whose graph is freed before the next
+    task, and carries the rest of the chain rule (through the inner loop, to the initial
+    weights) in a surrogate `sum(adapted * d loss / d adapted)`: the meta-gradient is the same
+    as differentiating the query losses through the inner loop, without keeping every task's
+    query graph alive until the outer backward. `split_query=False` is that reference path.
     `learn_inner_lr=True` is Meta-SGD (Li et al. 2017): every weight has its own inner
     step size, a tensor of its shape that starts at `inner_lr` and is learned in the
     outer loop; `extra_params` makes them and they travel in the params dict as
@@ -53,6 +59,7 @@ class MAML:
         first_order: bool = False,
         eval_inner_steps: int | None = None,
         vectorize: bool = False,
+        split_query: bool = True,
         learn_inner_lr: bool = False,
         zero_head: bool = False,
         head_only: bool = False,
@@ -62,6 +69,7 @@ class MAML:
         self.first_order = first_order
         self.eval_inner_steps = eval_inner_steps if eval_inner_steps is not None else inner_steps
         self.vectorize = vectorize
+        self.split_query = split_query
         self.learn_inner_lr = learn_inner_lr
         self.zero_head = zero_head
         self.only = "head." if head_only else None
@@ -98,16 +106,27 @@ class MAML:
         if self.vectorize:
             losses, outputs = self._vmapped(model, weights, lr, buffers, batch)
         else:
-            losses, outputs = [], []
+            losses, outputs, surrogate = [], [], torch.zeros(())
             for t in range(batch.support_x.shape[0]):
                 adapted = adapt(
                     model, weights, buffers, batch.support_x[t], batch.support_y[t],
                     inner_lr=lr, steps=self.inner_steps, first_order=self.first_order, only=self.only,
                 )
-                out = query_forward(model, adapted, buffers, batch.support_x[t], batch.query_x[t])
-                losses.append(task_loss(out, batch.query_y[t]))
+                if self.split_query:
+                    loss_t, out, v = query_gradient(model, adapted, buffers, batch.support_x[t],
+                                                    batch.query_x[t], batch.query_y[t])
+                    surrogate = surrogate + sum((adapted[k] * g).sum() for k, g in v.items())
+                else:
+                    out = query_forward(model, adapted, buffers, batch.support_x[t], batch.query_x[t])
+                    loss_t = task_loss(out, batch.query_y[t])
+                losses.append(loss_t)
                 outputs.append(out)
             losses, outputs = torch.stack(losses), torch.stack(outputs)
+            if self.split_query:
+                # value: the mean query loss; gradient: that of the surrogate, which is the meta-gradient
+                surrogate = surrogate / len(losses)
+                loss = losses.mean() + (surrogate - surrogate.detach())
+                return MetaOutput(loss, _metrics(loss, outputs, batch.query_y))
         loss = losses.mean()
         return MetaOutput(loss, _metrics(loss, outputs, batch.query_y))
 
@@ -145,6 +164,22 @@ class MAML:
                             inner_lr=lr, steps=steps, first_order=True, only=self.only)
         with torch.no_grad():
             return query_forward(model, adapted, buffers, episode.support_x, episode.query_x)
+
+
+def query_gradient(model: nn.Module, adapted: Params, buffers: Params, support_x: torch.Tensor,
+                   query_x: torch.Tensor, query_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Params]:
+    """One task's query pass, first order: `(loss, outputs, d loss / d adapted)`, all detached.
+
+    The adapted weights are cut from their graph, so this pass's own graph is freed on return;
+    only weights that require a gradient get one.
+    """
+    leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in adapted.items()}
+    with torch.enable_grad():
+        out = query_forward(model, leaves, buffers, support_x, query_x)
+        loss = task_loss(out, query_y)
+        names = [k for k, v in leaves.items() if v.requires_grad]
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+    return loss.detach(), out.detach(), dict(zip(names, grads))
 
 
 def _metrics(loss: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
