@@ -375,6 +375,7 @@ def _split_query_cases():
         "support BatchNorm": (lambda: conv("batch", support_statistics=True), image_batch, {}),
         "LayerNorm, head only": (lambda: conv("layer"), image_batch, dict(head_only=True, inner_steps=2)),
         "zero head": (lambda: conv("layer"), image_batch, dict(zero_head=True)),
+        "first order, head only": (lambda: conv("layer"), image_batch, dict(head_only=True, first_order=True)),
     }
 
 
@@ -399,3 +400,11 @@ def test_the_split_query_pass_gives_the_reference_meta_gradient(case):
         if b is not None:
             torch.testing.assert_close(a, b, msg=lambda m: f"{case}, {name}: {m}")
     assert sum(float(g.abs().sum()) for g in g_ref if g is not None) > 0
+
+
+def test_split_query_is_a_config_switch():
+    from metassl.config import load
+    from metassl.registry import build_learner
+
+    assert build_learner(load(None, ["learner.name=maml"])).split_query is True
+    assert build_learner(load(None, ["learner.name=maml", "learner.split_query=false"])).split_query is False

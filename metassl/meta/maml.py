@@ -35,6 +35,10 @@ class MAML:
     weights) in a surrogate `sum(adapted * d loss / d adapted)`: the meta-gradient is the same
     as differentiating the query losses through the inner loop, without keeping every task's
     query graph alive until the outer backward. `split_query=False` is that reference path.
+    The surrogate carries first derivatives only: the returned loss cannot be differentiated
+    twice, it keeps every task's inner-loop graph and its query gradient alive until the outer
+    backward, and gradients reach the params dict only (not the inputs or the buffers).
+    `split_query` applies to the per-task loop; `vectorize=True` ignores it.
     `learn_inner_lr=True` is Meta-SGD (Li et al. 2017): every weight has its own inner
     step size, a tensor of its shape that starts at `inner_lr` and is learned in the
     outer loop; `extra_params` makes them and they travel in the params dict as
@@ -106,7 +110,7 @@ class MAML:
         if self.vectorize:
             losses, outputs = self._vmapped(model, weights, lr, buffers, batch)
         else:
-            losses, outputs, surrogate = [], [], torch.zeros(())
+            losses, outputs, terms = [], [], []
             for t in range(batch.support_x.shape[0]):
                 adapted = adapt(
                     model, weights, buffers, batch.support_x[t], batch.support_y[t],
@@ -115,7 +119,7 @@ class MAML:
                 if self.split_query:
                     loss_t, out, v = query_gradient(model, adapted, buffers, batch.support_x[t],
                                                     batch.query_x[t], batch.query_y[t])
-                    surrogate = surrogate + sum((adapted[k] * g).sum() for k, g in v.items())
+                    terms.append(sum(((adapted[k] * g).sum() for k, g in v.items()), loss_t.new_zeros(())))
                 else:
                     out = query_forward(model, adapted, buffers, batch.support_x[t], batch.query_x[t])
                     loss_t = task_loss(out, batch.query_y[t])
@@ -124,7 +128,7 @@ class MAML:
             losses, outputs = torch.stack(losses), torch.stack(outputs)
             if self.split_query:
                 # value: the mean query loss; gradient: that of the surrogate, which is the meta-gradient
-                surrogate = surrogate / len(losses)
+                surrogate = torch.stack(terms).mean()
                 loss = losses.mean() + (surrogate - surrogate.detach())
                 return MetaOutput(loss, _metrics(loss, outputs, batch.query_y))
         loss = losses.mean()
@@ -171,15 +175,15 @@ def query_gradient(model: nn.Module, adapted: Params, buffers: Params, support_x
     """One task's query pass, first order: `(loss, outputs, d loss / d adapted)`, all detached.
 
     The adapted weights are cut from their graph, so this pass's own graph is freed on return;
-    only weights that require a gradient get one.
+    only weights that require a gradient and reach the loss get one.
     """
     leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in adapted.items()}
     with torch.enable_grad():
         out = query_forward(model, leaves, buffers, support_x, query_x)
         loss = task_loss(out, query_y)
         names = [k for k, v in leaves.items() if v.requires_grad]
-        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-    return loss.detach(), out.detach(), dict(zip(names, grads))
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    return loss.detach(), out.detach(), {k: g for k, g in zip(names, grads) if g is not None}
 
 
 def _metrics(loss: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
