@@ -7,12 +7,17 @@ One meta-iteration: Conv-4 (64 channels, per-sample LayerNorm, linear head), 28x
 query loss of the adapted weights averaged over a meta-batch of 32 tasks, and the
 meta-gradient of that loss with respect to the initial weights: second order unless stated.
 Every method runs the same `nn.Module` on the same random inputs, and the script checks
-that each one's meta-gradient equals the bare loop's before timing it.
+that each one's meta-gradient equals its bare reference's before timing anything: a method
+whose largest gradient error, relative to the reference's largest entry, exceeds
+`--tolerance` stops the run. `--only "NAME;NAME"` times the named methods only (exact
+names from the table, `;`-separated).
 
 Timings are medians over `--rounds` rounds; within a round every method runs once (after
 one untimed warm-up iteration each), the order alternating between rounds so that no method
 always goes first. Peak memory is each method's resident-set growth in a process of its own
-(CPU) or the allocator's peak (CUDA).
+(CPU) or the allocator's peak (CUDA); it compares what each method keeps alive until the outer
+backward (higher and learn2learn keep every task's graph, metassl's default keeps the
+inner-loop graphs only), not the cost of the same work.
 
 The peers are installed by the script into a virtual environment of its own
 (`--env`, default `runs/bench/peers-env`), which sees this interpreter's packages through a
@@ -31,6 +36,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -256,7 +262,12 @@ def measure(args) -> None:
     torch.set_num_threads(args.threads)
     model, batch = _setup(args)
     table = methods(model, batch, args)
-    names = list(table) if not args.only else [n for n in table if any(o in n for o in args.only.split(","))]
+    names = list(table)
+    if args.only:
+        names = [n.strip() for n in args.only.split(";") if n.strip()]
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            sys.exit(f"--only: unknown method(s) {unknown}; the methods are: {'; '.join(table)}")
 
     # correctness first: every method's meta-gradient against its bare reference
     grads = {}
@@ -270,6 +281,11 @@ def measure(args) -> None:
         num = max(float((a - b).abs().max()) for a, b in zip(grads[name], grads[ref]))
         den = max(float(b.abs().max()) for b in grads[ref])
         errors[name] = num / den
+    bad = {n: e for n, e in errors.items() if not e <= args.tolerance}
+    if bad:
+        sys.exit("meta-gradient mismatch, nothing timed: " + "; ".join(
+            f"{n}: max rel. error {e:.1e} against {_reference_of(n)} (tolerance {args.tolerance:.0e})"
+            for n, e in bad.items()))
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
@@ -304,6 +320,15 @@ def peak_memory(args, name: str) -> float:
 
 # --------------------------------------------------------------------------- driver
 
+def _child(py: Path, mode: str, passthrough: list[str]) -> dict:
+    """Run this script in the peers' environment; its last stdout line is JSON. On failure, show its stderr."""
+    out = subprocess.run([str(py), __file__, mode, *passthrough], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        sys.exit(f"{mode} failed (exit status {out.returncode}): see its output above")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -313,7 +338,9 @@ def main() -> None:
     p.add_argument("--k-shot", type=int, default=1)
     p.add_argument("--n-query", type=int, default=15)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--only", help="comma-separated substrings of the method names to time")
+    p.add_argument("--only", help="exact method names to time, ';'-separated")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest meta-gradient error allowed, relative to the reference's largest entry")
     p.add_argument("--env", default=str(ROOT / "runs" / "bench" / "peers-env"))
     p.add_argument("--peers-from", help="folder holding the peers' archives (offline)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
@@ -328,22 +355,19 @@ def main() -> None:
     py = make_env(Path(args.env), args.peers_from)
     passthrough = [f"--threads={args.threads}", f"--rounds={args.rounds}", f"--meta-batch={args.meta_batch}",
                    f"--n-way={args.n_way}", f"--k-shot={args.k_shot}", f"--n-query={args.n_query}",
-                   f"--device={args.device}"] + ([f"--only={args.only}"] if args.only else [])
-    out = subprocess.run([str(py), __file__, "--_measure", *passthrough], check=True, capture_output=True,
-                         text=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+                   f"--device={args.device}", f"--tolerance={args.tolerance}"]
+    passthrough += [f"--only={args.only}"] if args.only else []
+    result = _child(py, "--_measure", passthrough)
     if not args.no_memory:
         for name in result:
-            mem = subprocess.run([str(py), __file__, f"--_memory={name}", *passthrough], check=True,
-                                 capture_output=True, text=True)
-            result[name]["peak_mib"] = json.loads(mem.stdout.strip().splitlines()[-1])["mib"]
+            result[name]["peak_mib"] = _child(py, f"--_memory={name}", passthrough)["mib"]
     info = subprocess.run([str(py), "-c", "import torch; print(torch.__version__, torch.backends.cpu.get_cpu_capability())"],
                           capture_output=True, text=True).stdout.strip()
     base = result.get("learn2learn MAML", {}).get("median_ms")
     print(f"\n## MAML meta-iteration: Conv-4, 28x28, {args.n_way}-way {args.k_shot}-shot, {args.n_query} queries "
           f"per class, one inner step, meta-batch {args.meta_batch}, {args.device}, {args.threads} threads")
-    print(f"- command: `python experiments/bench_maml_speed.py --threads {args.threads} --rounds {args.rounds} "
-          f"--meta-batch {args.meta_batch} --device {args.device}`")
+    print(f"- command: `python experiments/bench_maml_speed.py {shlex.join(sys.argv[1:])}` "
+          f"(in full: {' '.join(passthrough)})")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {info}, Python {platform.python_version()}; "
           f"{datetime.date.today()}; median of {args.rounds} alternating rounds")
     print("| method | ms per meta-iteration (median) | learn2learn / method | peak MiB | gradient: max rel. error vs |")
