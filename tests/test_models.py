@@ -22,6 +22,27 @@ def test_conv4_layout_is_four_conv_norm_relu_pool_blocks():
     assert not any(getattr(m, "track_running_stats", False) for m in Conv4().modules())  # default keeps none
 
 
+@pytest.mark.parametrize("norm", ["layer", "batch", "batch_transductive"])
+def test_conv4_pools_before_its_relu_and_is_the_same_function(norm):
+    """The blocks run norm -> max-pool -> ReLU, which is norm -> ReLU -> max-pool exactly:
+    outputs, parameter gradients and BatchNorm's running statistics are bitwise equal."""
+    torch.manual_seed(0)
+    fast = Conv4(1, 8, norm, 5, 28)
+    assert [type(m).__name__ for m in fast.features[:4]][2:] == ["MaxPool2d", "ReLU"]
+    textbook = Conv4(1, 8, norm, 5, 28)
+    textbook.load_state_dict(fast.state_dict())
+    blocks = list(textbook.features)
+    for b in range(4):
+        blocks[4 * b + 2], blocks[4 * b + 3] = blocks[4 * b + 3], blocks[4 * b + 2]
+    textbook.features = torch.nn.Sequential(*blocks)
+    x = torch.randn(6, 1, 28, 28)
+    outs = [m(x) for m in (fast, textbook)]
+    assert torch.equal(*outs)
+    grads = [torch.autograd.grad(o.square().sum(), list(m.parameters())) for o, m in zip(outs, (fast, textbook))]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(torch.equal(a, b) for a, b in zip(fast.buffers(), textbook.buffers()))
+
+
 def test_mlp_is_1_40_40_1():
     sizes = [(m.in_features, m.out_features) for m in MLP().modules() if isinstance(m, torch.nn.Linear)]
     assert sizes == [(1, 40), (40, 40), (40, 1)]

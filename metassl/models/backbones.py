@@ -86,6 +86,9 @@ def norm_mode(norm: str, support_statistics: bool = False) -> str:
 class Conv4(nn.Module):
     """Conv-4: 4 x [3x3 conv `hidden`, norm, ReLU, 2x2 max-pool], then flatten.
 
+    Each block applies its ReLU after the max-pool: the same function (max-pool and ReLU
+    commute, and the gradient is the same), on a quarter of the values.
+
     Input `[batch, in_channels, H, W]`; output `[batch, out_features]` when
     `out_features` is set (a linear classifier head, as MAML uses), else the flat
     embedding `[batch, hidden * (H // 16) * (W // 16)]` (ProtoNets, Matching Nets).
@@ -111,8 +114,8 @@ class Conv4(nn.Module):
             blocks += [
                 nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
                 _norm_layer(norm, hidden, support_statistics),
-                nn.ReLU(),
                 nn.MaxPool2d(2),
+                nn.ReLU(),
             ]
             channels = hidden
         self.features = nn.Sequential(*blocks, nn.Flatten())
