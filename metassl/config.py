@@ -236,6 +236,9 @@ class EvalConfig:
     inner_steps: int | None = None  # None: learner.eval_inner_steps
     # also evaluate the network as initialised (same episodes) and print both side by side
     compare_untrained: bool = False
+    # metric learners with a per-item backbone (no batch statistics at test time) embed every
+    # item the episodes use once, not once per episode it appears in; false: one pass per episode
+    embed_once: bool = True
 
 
 @dataclass(frozen=True)

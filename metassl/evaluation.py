@@ -87,6 +87,49 @@ def episode_accuracies(learner, model: nn.Module, params: Params, buffers: Param
         model.train(was_training)
 
 
+def embeds_once(cfg: Config, learner, sampler) -> bool:
+    """True when episodes can be scored from one embedding per item (`eval.embed_once`).
+
+    That holds for metric learners (`from_embeddings`) whose backbone embeds each item on its
+    own at test time, i.e. any norm but transductive BatchNorm, over an EpisodeSampler's rows.
+    """
+    from metassl.data.episodes import EpisodeSampler
+    from metassl.models.backbones import is_transductive
+
+    return (cfg.eval.embed_once and hasattr(learner, "from_embeddings") and type(sampler) is EpisodeSampler
+            and not is_transductive(cfg.model.norm))
+
+
+def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Params, sampler,
+                        episodes: int, chunk: int = 512) -> np.ndarray:
+    """`episode_accuracies` for a metric learner, embedding each row the episodes use once.
+
+    The same episodes and the same scores as one backbone pass per episode (up to float
+    rounding, which depends on the batch a row is embedded in).
+    """
+    picks = [sampler.episode_indices(i) for i in range(episodes)]
+    rows = np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
+    device = next(iter(params.values())).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            z = torch.cat([forward(model, params, buffers, sampler.split.x[torch.from_numpy(rows[i:i + chunk])]
+                                   .to(device)) for i in range(0, len(rows), chunk)])
+    finally:
+        model.train(was_training)
+    support_y = torch.arange(sampler.n_way, device=device).repeat_interleave(sampler.k_shot)
+    query_y = torch.arange(sampler.n_way, device=device).repeat_interleave(sampler.n_query)
+    accs = np.empty(episodes)
+    with torch.no_grad():
+        for i, (_, support, query) in enumerate(picks):
+            s = z[torch.from_numpy(np.searchsorted(rows, support))]
+            q = z[torch.from_numpy(np.searchsorted(rows, query))]
+            out = learner.from_embeddings(s[None], support_y[None], q[None])[0]
+            accs[i] = float((out.argmax(-1) == query_y).float().mean())
+    return accs
+
+
 def episode_mse(model: nn.Module, params: Params, buffers: Params, tasks, episodes: int,
                 inner_lr: float, steps: int) -> np.ndarray:
     """Return each task's query MSE after `steps` SGD steps on its support set (sinusoid)."""
@@ -169,7 +212,11 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
                             f"classifier head; evaluate it with n_way={head.out_features} or train one "
                             f"with episodes.n_way={n_way}")
         steps = inner_steps if inner_steps is not None else getattr(learner, "eval_inner_steps", None)
-        mean, ci = mean_ci95(episode_accuracies(learner, model, params, buffers, sampler, episodes, steps))
+        if embeds_once(cfg, learner, sampler):
+            accs = embedded_accuracies(learner, model, params, buffers, sampler, episodes)
+        else:
+            accs = episode_accuracies(learner, model, params, buffers, sampler, episodes, steps)
+        mean, ci = mean_ci95(accs)
         protocol = protocol_of(cfg, dataset=dataset, split=split, n_way=n_way, k_shot=k_shot,
                                n_query=n_query, seed=seed, inner_steps=steps)
         data = getattr(sampler, "split", None)  # the FewShotSplit of an EpisodeSampler: which classes

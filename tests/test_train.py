@@ -266,3 +266,43 @@ def test_maml_with_batch_norm_evaluates_with_the_normalisation_it_trained_with(t
     model.eval()
     assert evaluate_model(cfg, learner, model, params, buffers, **kwargs).mean == in_train_mode.mean
     assert in_train_mode.mean == result["test"]["mean"] or cfg.eval.episodes != 20
+
+
+@pytest.mark.parametrize("learner,norm,once", [("protonet", "batch", True), ("matchingnet", "layer", True),
+                                               ("protonet", "batch_transductive", False),
+                                               ("maml", "layer", False)])
+def test_embedding_each_item_once_scores_the_same_episodes(tmp_path, monkeypatch, learner, norm, once):
+    """eval.embed_once: metric learners with a per-item backbone embed each row once; the
+    accuracies equal one backbone pass per episode. Transductive BatchNorm and MAML are not
+    eligible and keep the per-episode pass."""
+    import dataclasses
+
+    import numpy as np
+
+    import metassl.evaluation as ev
+    from metassl.registry import build_sampler
+
+    cfg = tiny(f"learner.name={learner}", f"model.norm={norm}", "learner.inner_lr=0.1", steps=5)
+    run_local(cfg, tmp_path, log=_quiet)
+    cfg, learner_, model, params, buffers, _ = load_trained(tmp_path)
+    sampler = build_sampler(cfg, "test", n_way=3, k_shot=2, n_query=5, seed=4)
+    assert ev.embeds_once(cfg, learner_, sampler) is once
+    calls = {"once": 0}
+    real = ev.embedded_accuracies
+
+    def counted(*args, **kwargs):
+        calls["once"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ev, "embedded_accuracies", counted)
+    kwargs = dict(split="test", episodes=60, seed=4, n_way=3, k_shot=2, n_query=5, sampler=sampler)
+    default = ev.evaluate_model(cfg, learner_, model, params, buffers, **kwargs)
+    assert calls["once"] == int(once)
+    per_episode_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, embed_once=False))
+    per_episode = ev.evaluate_model(per_episode_cfg, learner_, model, params, buffers, **kwargs)
+    assert calls["once"] == int(once)
+    if once:
+        accs = ev.embedded_accuracies(learner_, model, params, buffers, sampler, 60, chunk=7)
+        reference = ev.episode_accuracies(learner_, model, params, buffers, sampler, 60)
+        assert np.sum(accs != reference) <= 1  # float rounding may flip a near tie, nothing more
+        assert 0.2 < reference.mean() < 1.0  # a trained network, not chance or a constant
+    assert abs(default.mean - per_episode.mean) <= 1 / (60 * 15)

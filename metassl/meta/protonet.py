@@ -29,7 +29,12 @@ class ProtoNet:
     def logits(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> torch.Tensor:
         """Return `-distance` logits `[T, Q, n_way]` for a batch of episodes."""
         support, query = embed_episodes(model, params, buffers, batch)
-        return -squared_distances(query, prototypes(support, batched_labels(batch.support_y)))
+        return self.from_embeddings(support, batched_labels(batch.support_y), query)
+
+    @staticmethod
+    def from_embeddings(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Logits `[T, Q, n_way]` of embedded queries `[T, Q, D]` given embedded support `[T, S, D]`, labels `[T, S]`."""
+        return -squared_distances(query, prototypes(support, support_y))
 
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query cross-entropy over the meta-batch."""
