@@ -131,6 +131,11 @@ class TrainConfig:
     # last good checkpoint) or skip it (no update; counted as train/skipped_steps)
     on_nonfinite: str = "stop"
     max_skipped_steps: int = 10  # skip mode: stop after this many non-finite steps in a row
+    # the training step's forward passes (meta-learner and SSL views) in fp32, or under bf16
+    # autocast (weights, gradients, optimizer and evaluation stay fp32); auto: bf16 for image
+    # runs of ProtoNet / Matching Networks on hardware with bf16 matrix units (CPU AMX, CUDA
+    # bf16), fp32 otherwise. The choice made is in result.json ("precision").
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -305,6 +310,7 @@ CHOICES = {
     "generator.encoder": ("pca", "model"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.precision": ("auto", "fp32", "bf16"),
     "tune.search": ("random", "optuna"),
 }
 POSITIVE = [

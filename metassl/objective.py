@@ -88,6 +88,8 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
         b = len(x1)
         z = features(model, params, _scratch(buffers), torch.cat([x1, x2]))
         proj = forward(heads.projection, _sub(head_params, "projection."), {}, z)
+        if proj.dtype in (torch.bfloat16, torch.float16):  # under autocast: NT-Xent and its gather in fp32
+            proj = proj.float()
         if gather is None:
             loss = nt_xent(proj[:b], proj[b:], weights.temperature)
         else:

@@ -26,8 +26,8 @@ from metassl.generative.fit import needs_generative
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
 from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
-from metassl.registry import (build_backbone, build_learner, build_sampler, is_regression, read_tokenizer_text,
-                              text_settings)
+from metassl.registry import (build_backbone, build_learner, build_sampler, has_inner_loop, is_regression,
+                              read_tokenizer_text, text_settings)
 
 # Sections that may change between a run and its resume (length, logging, evaluation, tuning).
 _RESUMABLE_CHANGES = ("train", "eval", "tune")
@@ -133,6 +133,26 @@ def local_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but torch sees no CUDA GPU here; use 'auto' or 'cpu'")
     return torch.device("cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def has_bf16_units(device: torch.device) -> bool:
+    """True where bf16 matrix products run on their own units: a CPU with AMX, a CUDA GPU with bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def training_precision(cfg: Config, device: torch.device) -> str:
+    """`train.precision` resolved for this device: "fp32" or "bf16" (autocast of the training step).
+
+    auto picks bf16 only where it was measured to help without costing accuracy: image runs of
+    the metric learners (no inner loop) on hardware with bf16 units.
+    """
+    chosen = cfg.train.precision
+    if chosen != "auto":
+        return chosen
+    metric_images = not (has_inner_loop(cfg) or is_text_config(cfg) or is_regression(cfg))
+    return "bf16" if metric_images and has_bf16_units(device) else "fp32"
 
 
 class LocalContext:
@@ -362,6 +382,12 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, skipped)
     higher_is_better = not is_regression(cfg)
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
+    precision = training_precision(cfg, device)
+    if lead and start == 0:
+        log(f"training step precision: {precision}" + (" (autocast)" if precision == "bf16" else ""))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def validate(step: int) -> float:
         res = evaluate_model(cfg, learner, model, params, buffers, split="val", episodes=cfg.train.val_episodes,
@@ -404,14 +430,16 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         window_wait += fetched.wait_s
         # running statistics before the step: a skipped step puts them back
         before = {k: v.clone() for k, v in buffers.items()} if guard.policy == "skip" else {}
-        out = learner.meta_step(model, params, buffers, fetched.episodes.to(device))
+        with autocast():
+            out = learner.meta_step(model, params, buffers, fetched.episodes.to(device))
         metrics = dict(out.metrics)
         views = fetched.ssl_views() if use_ssl else None
         ssl = None
         if views is not None:
             views = tuple(v.to(device) for v in views)
-            ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights,
-                                  gather=distributed.gather_rows)  # NT-Xent negatives: the whole meta-batch
+            with autocast():
+                ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights,
+                                      gather=distributed.gather_rows)  # NT-Xent negatives: the whole meta-batch
             metrics.update(parts, ssl_loss=float(ssl.detach()))
         metrics["meta_loss"] = float(out.loss.detach())
         grads, head_grads = combined_gradients(out, ssl, cfg.objective.ssl_weight, params, head_params,
@@ -513,7 +541,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     else:
         result = {"name": cfg.name, "best_step": checkpoint.load(checkpoint.best_path(run_dir))["step"]}
     result.update({"steps": step, "best_val": best, "val_history": history, "loss_history": losses,
-                   "resumed_at": resumes, "skipped_steps": guard.skipped,
+                   "resumed_at": resumes, "skipped_steps": guard.skipped, "precision": precision,
                    "train_minutes": loop_minutes, "eval_minutes": (time.perf_counter() - eval_t0) / 60})
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     if final_eval:

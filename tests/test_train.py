@@ -306,3 +306,30 @@ def test_embedding_each_item_once_scores_the_same_episodes(tmp_path, monkeypatch
         assert np.sum(accs != reference) <= 1  # float rounding may flip a near tie, nothing more
         assert 0.2 < reference.mean() < 1.0  # a trained network, not chance or a constant
     assert abs(default.mean - per_episode.mean) <= 1 / (60 * 15)
+
+
+def test_training_precision_auto_bf16_only_for_metric_image_runs_on_bf16_hardware(monkeypatch):
+    import metassl.trainer as tr
+
+    cpu = torch.device("cpu")
+    for units in (True, False):
+        monkeypatch.setattr(tr, "has_bf16_units", lambda device, units=units: units)
+        assert tr.training_precision(tiny(), cpu) == ("bf16" if units else "fp32")  # ProtoNet on images
+        assert tr.training_precision(tiny("learner.name=matchingnet"), cpu) == ("bf16" if units else "fp32")
+        assert tr.training_precision(tiny("learner.name=maml"), cpu) == "fp32"  # inner loop: not measured
+        assert tr.training_precision(tiny("train.precision=fp32"), cpu) == "fp32"
+        assert tr.training_precision(tiny("learner.name=maml", "train.precision=bf16"), cpu) == "bf16"
+    with pytest.raises(ConfigError, match="train.precision"):
+        tiny("train.precision=fp16")
+
+
+def test_a_bf16_run_trains_under_autocast_and_records_it(tmp_path):
+    SSL = ["generator.kind=augment", "generator.ssl_views=true", "objective.ssl_weight=0.1"]
+    fp32 = run_local(tiny("train.precision=fp32", *SSL, steps=4), tmp_path / "fp32", log=_quiet)
+    bf16 = run_local(tiny("train.precision=bf16", *SSL, steps=4), tmp_path / "bf16", log=_quiet)
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    a, b = (torch.tensor([loss for _, loss in r["loss_history"]]) for r in (fp32, bf16))
+    assert torch.isfinite(b).all() and not torch.equal(a, b)  # reduced precision changed the numbers...
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)  # ...but not the training
+    state = checkpoint.load(checkpoint.best_path(tmp_path / "bf16"))
+    assert all(v.dtype == torch.float32 for v in state["params"].values())  # weights stay fp32
