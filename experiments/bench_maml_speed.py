@@ -264,7 +264,7 @@ def measure(args) -> None:
     table = methods(model, batch, args)
     names = list(table)
     if args.only:
-        names = [n.strip() for n in args.only.split(";") if n.strip()]
+        names = list(dict.fromkeys(n.strip() for n in args.only.split(";") if n.strip()))
         unknown = [n for n in names if n not in table]
         if unknown:
             sys.exit(f"--only: unknown method(s) {unknown}; the methods are: {'; '.join(table)}")
@@ -367,7 +367,7 @@ def main() -> None:
     print(f"\n## MAML meta-iteration: Conv-4, 28x28, {args.n_way}-way {args.k_shot}-shot, {args.n_query} queries "
           f"per class, one inner step, meta-batch {args.meta_batch}, {args.device}, {args.threads} threads")
     print(f"- command: `python experiments/bench_maml_speed.py {shlex.join(sys.argv[1:])}` "
-          f"(in full: {' '.join(passthrough)})")
+          f"(in full: {shlex.join(passthrough)})")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {info}, Python {platform.python_version()}; "
           f"{datetime.date.today()}; median of {args.rounds} alternating rounds")
     print("| method | ms per meta-iteration (median) | learn2learn / method | peak MiB | gradient: max rel. error vs |")

@@ -101,7 +101,7 @@ def embeds_once(cfg: Config, learner, sampler) -> bool:
 
 
 def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Params, sampler,
-                        episodes: int, chunk: int = 512) -> np.ndarray:
+                        episodes: int, chunk: int | None = None) -> np.ndarray:
     """`episode_accuracies` for a metric learner, embedding each row the episodes use once.
 
     The same episodes and the same scores as one backbone pass per episode (up to float
@@ -110,6 +110,8 @@ def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Para
     picks = [sampler.episode_indices(i) for i in range(episodes)]
     rows = np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
     device = next(iter(params.values())).device
+    if chunk is None:  # rows per backbone call: 512 small images, fewer large ones
+        chunk = max(16, min(512, 2**22 // max(1, sampler.split.x[0].numel())))
     was_training = model.training
     model.eval()
     try:

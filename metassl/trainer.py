@@ -137,8 +137,8 @@ def local_device(setting: str) -> torch.device:
 
 def has_bf16_units(device: torch.device) -> bool:
     """True where bf16 matrix products run on their own units: a CPU with AMX, a CUDA GPU with bf16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere and later; older GPUs only emulate bf16
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
@@ -383,7 +383,9 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     higher_is_better = not is_regression(cfg)
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
     precision = training_precision(cfg, device)
-    if lead and start == 0:
+    if cfg.train.precision == "auto" and distributed.any_true(precision == "fp32"):
+        precision = "fp32"  # workers on mixed hardware: one precision for all, the one every worker has
+    if lead:
         log(f"training step precision: {precision}" + (" (autocast)" if precision == "bf16" else ""))
 
     def autocast():

@@ -28,7 +28,8 @@ SCENARIO = ["model.hidden=8", "model.norm=layer", "learner.name=protonet", "gene
             "optim.optimizer=sgd", "optim.outer_lr=0.05",
             "train.log_every=1", "train.val_every=0", "train.val_episodes=5", "train.checkpoint_every=2",
             "train.keep_checkpoints=20", "train.max_failures=2", "eval.episodes=10", f"train.steps={STEPS}",
-            "train.threads=1"]  # float results depend on the thread count: the same everywhere
+            "train.threads=1",  # float results depend on the thread count: the same everywhere
+            "train.precision=fp32"]  # and on bf16 autocast, which auto would pick on some machines
 
 
 # ------------------------------------------------------------------ downloads on one node

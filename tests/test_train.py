@@ -332,4 +332,5 @@ def test_a_bf16_run_trains_under_autocast_and_records_it(tmp_path):
     assert torch.isfinite(b).all() and not torch.equal(a, b)  # reduced precision changed the numbers...
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)  # ...but not the training
     state = checkpoint.load(checkpoint.best_path(tmp_path / "bf16"))
-    assert all(v.dtype == torch.float32 for v in state["params"].values())  # weights stay fp32
+    assert all(v.dtype == torch.float32 for part in ("params", "buffers", "head_params")
+               for v in state[part].values() if v.is_floating_point())  # weights and statistics stay fp32

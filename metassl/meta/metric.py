@@ -22,6 +22,8 @@ def embed_episodes(model: nn.Module, params: Params, buffers: Params, batch: Epi
     tasks, n_support, n_query = sx.shape[0], sx.shape[1], qx.shape[1]
     x = torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])
     z = forward(model, params, buffers, x)
+    if z.dtype in (torch.bfloat16, torch.float16):  # under autocast: distances and similarities in fp32
+        z = z.float()
     support = z[: tasks * n_support].reshape(tasks, n_support, -1)
     query = z[tasks * n_support:].reshape(tasks, n_query, -1)
     return support, query
