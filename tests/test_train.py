@@ -308,15 +308,17 @@ def test_embedding_each_item_once_scores_the_same_episodes(tmp_path, monkeypatch
     assert abs(default.mean - per_episode.mean) <= 1 / (60 * 15)
 
 
-def test_training_precision_auto_bf16_only_for_metric_image_runs_on_bf16_hardware(monkeypatch):
+def test_training_precision_is_fp32_by_default_and_auto_picks_bf16_only_for_metric_image_runs(monkeypatch):
     import metassl.trainer as tr
 
     cpu = torch.device("cpu")
     for units in (True, False):
         monkeypatch.setattr(tr, "has_bf16_units", lambda device, units=units: units)
-        assert tr.training_precision(tiny(), cpu) == ("bf16" if units else "fp32")  # ProtoNet on images
-        assert tr.training_precision(tiny("learner.name=matchingnet"), cpu) == ("bf16" if units else "fp32")
-        assert tr.training_precision(tiny("learner.name=maml"), cpu) == "fp32"  # inner loop: not measured
+        assert tr.training_precision(tiny(), cpu) == "fp32"  # the default
+        auto = "train.precision=auto"
+        assert tr.training_precision(tiny(auto), cpu) == ("bf16" if units else "fp32")  # ProtoNet on images
+        assert tr.training_precision(tiny(auto, "learner.name=matchingnet"), cpu) == ("bf16" if units else "fp32")
+        assert tr.training_precision(tiny(auto, "learner.name=maml"), cpu) == "fp32"  # inner loop: not measured
         assert tr.training_precision(tiny("train.precision=fp32"), cpu) == "fp32"
         assert tr.training_precision(tiny("learner.name=maml", "train.precision=bf16"), cpu) == "bf16"
     with pytest.raises(ConfigError, match="train.precision"):
