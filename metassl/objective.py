@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metassl.meta.functional import MetaOutput, Params, forward
+from metassl.meta.functional import MetaOutput, Params, forward, full_precision
 from metassl.ssl.losses import nt_xent, rotation_loss
 
 
@@ -87,9 +87,8 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
     if weights.simclr:
         b = len(x1)
         z = features(model, params, _scratch(buffers), torch.cat([x1, x2]))
-        proj = forward(heads.projection, _sub(head_params, "projection."), {}, z)
-        if proj.dtype in (torch.bfloat16, torch.float16):  # under autocast: NT-Xent and its gather in fp32
-            proj = proj.float()
+        # under autocast: NT-Xent and its gather in fp32
+        proj = full_precision(forward(heads.projection, _sub(head_params, "projection."), {}, z))
         if gather is None:
             loss = nt_xent(proj[:b], proj[b:], weights.temperature)
         else:

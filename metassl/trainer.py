@@ -145,8 +145,8 @@ def has_bf16_units(device: torch.device) -> bool:
 def training_precision(cfg: Config, device: torch.device) -> str:
     """`train.precision` resolved for this device: "fp32" or "bf16" (autocast of the training step).
 
-    auto picks bf16 only where it was measured to help without costing accuracy: image runs of
-    the metric learners (no inner loop) on hardware with bf16 units.
+    auto picks bf16 only where it was measured to speed the step up: image runs of the metric
+    learners (no inner loop) on hardware with bf16 units (its accuracy cost: experiments/RESULTS.md).
     """
     chosen = cfg.train.precision
     if chosen != "auto":
@@ -385,8 +385,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     precision = training_precision(cfg, device)
     if cfg.train.precision == "auto" and distributed.any_true(precision == "fp32"):
         precision = "fp32"  # workers on mixed hardware: one precision for all, the one every worker has
-    if lead:
-        log(f"training step precision: {precision}" + (" (autocast)" if precision == "bf16" else ""))
+    if lead and precision == "bf16":  # fp32, the default, goes unsaid (result.json records either)
+        log("training step precision: bf16 (autocast)")
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -34,6 +34,11 @@ def forward(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) 
     return functional_call(model, (params, buffers), (x,))
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 when autocast made it bf16 or fp16 (distances, similarities, contrastive logits)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def uses_support_statistics(model: nn.Module) -> bool:
     """True when `model` normalises with support-set statistics (SupportBatchNorm2d layers)."""
     from metassl.models.backbones import SupportBatchNorm2d

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metassl.data.episodes import Episode
-from metassl.meta.functional import Params, forward
+from metassl.meta.functional import Params, forward, full_precision
 
 
 def embed_episodes(model: nn.Module, params: Params, buffers: Params, batch: Episode):
@@ -21,9 +21,7 @@ def embed_episodes(model: nn.Module, params: Params, buffers: Params, batch: Epi
         sx, qx = sx.unsqueeze(0), qx.unsqueeze(0)
     tasks, n_support, n_query = sx.shape[0], sx.shape[1], qx.shape[1]
     x = torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])
-    z = forward(model, params, buffers, x)
-    if z.dtype in (torch.bfloat16, torch.float16):  # under autocast: distances and similarities in fp32
-        z = z.float()
+    z = full_precision(forward(model, params, buffers, x))  # under autocast: distances in fp32
     support = z[: tasks * n_support].reshape(tasks, n_support, -1)
     query = z[tasks * n_support:].reshape(tasks, n_query, -1)
     return support, query
