@@ -13,6 +13,7 @@ includes torch.compile's compilation, is reported apart).
 
 Variant names join levers with "+":
 - `textbook`: Conv-4 blocks in the order conv, norm, ReLU, max-pool (the default pools first);
+- `nchw`: convolutions in NCHW memory order (the default, `model.channels_last`, runs them NHWC);
 - `compile`: the backbone's forward through `torch.compile` (static shapes);
 - `bf16`: the step under bf16 autocast (CPU);
 - maml only: `reference` (split_query=false; otherwise the default split query pass).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -57,8 +59,9 @@ def pipeline(args) -> None:
     original = (metric.forward, objective.features)
     for variant in args.variants.split(","):
         levers = set(variant.split("+"))
-        learner = build_learner(cfg)
-        model = conv4_order(build_backbone(cfg, learner), "textbook" in levers)
+        run_cfg = replace(cfg, model=replace(cfg.model, channels_last="nchw" not in levers))
+        learner = build_learner(run_cfg)
+        model = conv4_order(build_backbone(run_cfg, learner), "textbook" in levers)
         params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
         buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         heads = SSLHeads(model.embedding_dim, cfg.objective.proj_dim, None, None)
@@ -98,7 +101,8 @@ def maml(args) -> None:
     def make(variant: str):
         levers = set(variant.split("+"))
         torch.manual_seed(0)
-        model = conv4_order(Conv4(1, 64, norm="layer", out_features=5, image_size=28), "textbook" in levers)
+        model = conv4_order(Conv4(1, 64, norm="layer", out_features=5, image_size=28,
+                                  channels_last="nchw" not in levers), "textbook" in levers)
         params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
         learner = MAML(inner_lr=0.4, split_query="reference" not in levers)
         query_forward = original
@@ -118,7 +122,7 @@ def maml(args) -> None:
 
     variants = args.variants.split(",")
     runs = {v: make(v) for v in variants}
-    reference = make("reference+textbook")()
+    reference = make("reference+textbook+nchw")()
     for v in variants:
         t0 = time.perf_counter()
         grads = runs[v]()
@@ -148,10 +152,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "pipeline":
-        args.variants = args.variants or "textbook,eager,textbook+compile,compile,bf16,compile+bf16"
+        args.variants = args.variants or "textbook+nchw,nchw,eager,compile,bf16"
         pipeline(args)
     else:
-        args.variants = args.variants or "reference+textbook,textbook,eager,textbook+compile,compile,bf16"
+        args.variants = args.variants or "reference+textbook+nchw,nchw,eager,reference,bf16"
         maml(args)
 
 

@@ -55,7 +55,13 @@ def build_backbone(cfg: Config, learner) -> nn.Module:
     m = cfg.model
     return build_model(m.backbone, out_features=out, in_channels=cfg.data.channels, hidden=m.hidden,
                        norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
-                       support_statistics=has_inner_loop(cfg), text=text_settings(cfg))
+                       support_statistics=has_inner_loop(cfg), channels_last=uses_channels_last(cfg),
+                       text=text_settings(cfg))
+
+
+def uses_channels_last(cfg: Config) -> bool:
+    """`model.channels_last`, except under `learner.vectorize` (vmap cannot restride the conv weights)."""
+    return cfg.model.channels_last and not cfg.learner.vectorize
 
 
 def text_settings(cfg: Config) -> dict | None:
@@ -350,7 +356,7 @@ def model_embedder(cfg: Config, state: dict):
     m = cfg.model
     model = build_model(m.backbone, out_features=None, in_channels=cfg.data.channels, hidden=m.hidden,
                         norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
-                        support_statistics=has_inner_loop(cfg)).eval()
+                        support_statistics=has_inner_loop(cfg), channels_last=uses_channels_last(cfg)).eval()
     names = dict(model.named_parameters()) | dict(model.named_buffers())
     weights = {k: v for k, v in state.items() if k in names}
     missing = sorted(set(names) - set(weights))

@@ -408,3 +408,35 @@ def test_split_query_is_a_config_switch():
 
     assert build_learner(load(None, ["learner.name=maml"])).split_query is True
     assert build_learner(load(None, ["learner.name=maml", "learner.split_query=false"])).split_query is False
+
+
+@pytest.mark.parametrize("learner_name", ["maml", "protonet", "matchingnet"])
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_channels_last_models_give_the_reference_meta_gradient(learner_name, norm):
+    """A Conv-4 with channels-last convolutions (the default) against the NCHW reference: the same
+    meta-gradient (second-order MAML, with its default split query, against the reference path).
+    float64, tolerance: torch.testing's default for float64 (rtol 1e-7, atol 1e-7)."""
+    from metassl.models import Conv4
+
+    inner = learner_name == "maml"
+    make = {"maml": lambda **kw: MAML(inner_lr=0.3, **kw), "protonet": lambda **kw: ProtoNet(),
+            "matchingnet": lambda **kw: MatchingNet()}[learner_name]
+    models = []
+    for nhwc in (False, True):
+        torch.manual_seed(0)
+        models.append(Conv4(1, hidden=4, norm=norm, out_features=3 if inner else None, image_size=16,
+                            support_statistics=inner, channels_last=nhwc).double())
+    b = _image_batch()
+    batch = Episode(b.support_x.double(), b.support_y, b.query_x.double(), b.query_y, batched=True)
+    params = _params(models[0])
+    buffers = [{k: v.clone() for k, v in m.named_buffers()} for m in models]
+    ref = make(split_query=False).meta_step(models[0], params, buffers[0], batch)
+    fast = make().meta_step(models[1], params, buffers[1], batch)
+    torch.testing.assert_close(fast.loss, ref.loss)
+    g_ref = torch.autograd.grad(ref.loss, list(params.values()))
+    g_fast = torch.autograd.grad(fast.loss, list(params.values()))
+    for name, a, r in zip(params, g_fast, g_ref):
+        torch.testing.assert_close(a, r, msg=lambda m: f"{name}: {m}")
+    for k in buffers[0]:  # BatchNorm's running statistics too
+        torch.testing.assert_close(buffers[1][k], buffers[0][k])
+    assert sum(float(g.abs().sum()) for g in g_ref) > 0

@@ -107,6 +107,10 @@ class MAML:
         if self.vectorize and buffers:
             raise ConfigError(f"learner.vectorize=true needs a model without running statistics (vmap cannot "
                               f"update them in place); this one has {sorted(buffers)[:2]}...")
+        if self.vectorize and any(getattr(m, "channels_last", False) for m in model.modules()):
+            raise ConfigError("learner.vectorize=true runs the convolutions under vmap, which cannot restride "
+                              "their weights to channels-last; build the model with channels_last=False "
+                              "(model.channels_last: false)")
         if self.vectorize:
             losses, outputs = self._vmapped(model, weights, lr, buffers, batch)
         else:

@@ -36,7 +36,7 @@ class MatchingNet:
     def from_embeddings(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Log-probabilities `[T, Q, n_way]` of embedded queries `[T, Q, D]` given embedded support `[T, S, D]`."""
         attention = cosine_attention(query, support, self.scale)        # [T, Q, S]
-        probs = attention @ one_hot(support_y)                           # [T, Q, N]
+        probs = attention @ one_hot(support_y, attention.dtype)          # [T, Q, N]
         return torch.log(probs.clamp_min(1e-12))
 
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:

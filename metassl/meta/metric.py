@@ -32,9 +32,9 @@ def batched_labels(y: torch.Tensor) -> torch.Tensor:
     return y.unsqueeze(0) if y.dim() == 1 else y
 
 
-def one_hot(y: torch.Tensor) -> torch.Tensor:
-    """One-hot float labels `[..., n_way]`, with n_way = max label + 1."""
-    return F.one_hot(y, int(y.max()) + 1).float()
+def one_hot(y: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One-hot labels `[..., n_way]` of `dtype` (that of the embeddings they weigh), n_way = max label + 1."""
+    return F.one_hot(y, int(y.max()) + 1).to(dtype)
 
 
 def metric_metrics(loss: torch.Tensor, log_probs: torch.Tensor, query_y: torch.Tensor) -> dict[str, float]:

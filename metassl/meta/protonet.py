@@ -12,7 +12,7 @@ from metassl.meta.metric import batched_labels, embed_episodes, metric_metrics, 
 
 def prototypes(support: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
     """Class means `[T, n_way, D]` of support embeddings `[T, S, D]` with labels `[T, S]`."""
-    onehot = one_hot(support_y)                          # [T, S, N]
+    onehot = one_hot(support_y, support.dtype)           # [T, S, N]
     return onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)
 
 
