@@ -268,7 +268,7 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
     """Evaluate on fixed-seed held-out episodes, as `metassl eval`; unset options take the run's `eval` config.
 
     `dataset` is a spec like `--data` (`omniglot:PATH`, `imagefolder:PATH`, ...); `protocol`
-    (omniglot) is `supervised` or `unsupervised`.
+    (omniglot) is `supervised`, `unsupervised` or `psco`.
     """
     for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query), ("episodes", episodes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="run directory (uses checkpoints/best.pt) or a .pt checkpoint")
     e.add_argument("--data", help="dataset spec: digits | sinusoid | omniglot[:PATH] | imagefolder:PATH "
                                   "(default: the training dataset)")
-    e.add_argument("--protocol", choices=["supervised", "unsupervised"], help="omniglot protocol")
+    e.add_argument("--protocol", choices=["supervised", "unsupervised", "psco"], help="omniglot protocol")
     e.add_argument("--split", choices=["train", "val", "test"], help="default: the run's eval.split")
     e.add_argument("--n-way", type=_positive)
     e.add_argument("--k-shot", type=_positive)

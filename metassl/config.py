@@ -25,7 +25,8 @@ class DataConfig:
 
     dataset: str = "digits"  # digits | sinusoid | omniglot[:PATH] | imagefolder:PATH | clinc150[:PATH] | text:PATH
     root: str | None = None  # dataset folder (omniglot); None: $METASSL_DATA or download
-    protocol: str = "supervised"  # omniglot: supervised (rotations as classes) | unsupervised
+    # omniglot: supervised (rotations as classes) | unsupervised (rotation 0) | psco (PsCo's: supervised's classes)
+    protocol: str = "supervised"
     image_size: int = 28  # images are resized to image_size x image_size
     channels: int = 1  # imagefolder: 1 (grey) or 3 (RGB)
     # imagefolder:PATH with one folder of classes (no train/val/test subfolders): the
@@ -101,6 +102,15 @@ class ObjectiveConfig:
     mlm: float = 1.0  # weight of masked-language modelling inside ssl_loss (texts)
     temperature: float = 0.5  # NT-Xent temperature
     proj_dim: int = 64  # SimCLR projection size
+    # PsCo (metassl/ssl/psco.py): weight of its loss inside ssl_loss (images; on the SimCLR views)
+    psco: float = 0.0
+    psco_queue: int = 16384  # queue of momentum projections (pseudo-shots are drawn from it)
+    psco_momentum: float = 0.99  # EMA rate of the momentum network, in [0, 1)
+    psco_shots: int = 1  # pseudo-shots per image (PsCo uses 1 on Omniglot)
+    psco_temperature: float = 0.2  # MoCo term
+    psco_temperature2: float = 1.0  # SupCon term over the pseudo-task
+    psco_hidden: int = 4096  # projector and predictor hidden width
+    psco_dim: int = 256  # projection size
 
 
 @dataclass(frozen=True)
@@ -305,7 +315,7 @@ CHOICES = {
     "learner.name": ("maml", "fomaml", "reptile", "protonet", "matchingnet"),
     "optim.optimizer": ("adam", "sgd"),
     "optim.schedule": ("constant", "cosine"),
-    "data.protocol": ("supervised", "unsupervised"),
+    "data.protocol": ("supervised", "unsupervised", "psco"),
     "eval.split": ("train", "val", "test"),
     "generator.kind": ("labelled", "augment", "cluster", "generative", "mix", "smlmt"),
     "generator.generative.model": ("vae", "gan"),
@@ -323,6 +333,8 @@ POSITIVE = [
     "train.keep_checkpoints", "train.max_skipped_steps", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
     "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
     "generator.embedding_dim", "objective.temperature", "objective.proj_dim",
+    "objective.psco_queue", "objective.psco_shots", "objective.psco_temperature", "objective.psco_temperature2",
+    "objective.psco_hidden", "objective.psco_dim",
     "generator.generative.latent_dim", "generator.generative.hidden", "generator.generative.steps",
     "generator.generative.lr", "generator.generative.sample_every",
     "tune.samples", "tune.workers", "tune.reduction_factor",
@@ -335,7 +347,7 @@ NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight
                 "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
                 "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise",
                 "generator.generative.refit_steps",
-                "objective.mlm", "objective.meta_weight", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences"]
+                "objective.mlm", "objective.meta_weight", "objective.psco", "objective.psco_momentum", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences"]
 
 
 def _get(cfg: Config, key: str):
@@ -388,6 +400,7 @@ AT_MOST = {
     "tune.workers": 10_000, "tune.concurrent": 100_000, "learner.inner_steps": 10_000,
     "learner.eval_inner_steps": 10_000, "train.max_failures": 1_000, "train.keep_checkpoints": 100_000,
     "data.image_size": 4096, "model.hidden": 65_536, "objective.proj_dim": 65_536,
+    "objective.psco_queue": 10_000_000, "objective.psco_hidden": 65_536, "objective.psco_dim": 65_536,
     "generator.embedding_dim": 65_536, "generator.generative.latent_dim": 65_536,
     "generator.generative.hidden": 4096, "generator.generative.batch_size": 1_000_000,
     "generator.generative.steps": 10**9, "generator.generative.refit_steps": 10**9,
@@ -514,6 +527,14 @@ def _validate(cfg: Config) -> None:
                           "generator.ssl_views=true (with a generator.kind other than labelled)")
     if cfg.objective.meta_weight == 0 and cfg.objective.ssl_weight == 0:
         raise ConfigError("objective.meta_weight=0 and objective.ssl_weight=0 leave nothing to train on")
+    o = cfg.objective
+    if o.psco:
+        if not o.psco_momentum < 1:
+            raise ConfigError(f"objective.psco_momentum={o.psco_momentum} must be in [0, 1)")
+        if o.psco_shots > o.psco_queue:
+            raise ConfigError(f"objective.psco_shots={o.psco_shots} cannot exceed objective.psco_queue={o.psco_queue}")
+        if is_text_config(cfg) or cfg.data.dataset == "sinusoid":
+            raise ConfigError("objective.psco contrasts image views; use it with an image dataset")
     if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
         raise ConfigError("generator.ssl_views=true needs generator.kind 'augment', 'cluster', 'generative', 'mix' "
                           "or 'smlmt'")

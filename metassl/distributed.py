@@ -81,6 +81,16 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _GatherRows.apply(x), rank * x.shape[0]
 
 
+def sum_all(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all workers (a new tensor; `t` itself on one worker). Not differentiable."""
+    _, size = world()
+    if size == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Return each metric averaged over all workers (same keys on every worker)."""
     _, size = world()

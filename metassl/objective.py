@@ -19,17 +19,26 @@ from torch import nn
 
 from metassl.meta.functional import MetaOutput, Params, forward, full_precision
 from metassl.ssl.losses import nt_xent, rotation_loss
+from metassl.ssl.psco import PscoState, psco_loss
 
 
 class SSLHeads(nn.Module):
     """A SimCLR projection MLP (`dim -> dim -> proj_dim`) and the pretext head: a 4-way rotation
     classifier for images, or for texts (`vocab_size` set) a masked-token predictor over the
     vocabulary (`token_dim -> token_dim`, GELU, LayerNorm, `-> vocab_size`, as BERT's; `token_dim`
-    is the width of a token's state, `dim` by default)."""
+    is the width of a token's state, `dim` by default). `psco` = (hidden, out) adds PsCo's
+    projector (`dim -> hidden -> out`) and predictor (`out -> hidden -> out`)."""
 
-    def __init__(self, dim: int, proj_dim: int = 64, vocab_size: int | None = None, token_dim: int | None = None):
+    def __init__(self, dim: int, proj_dim: int = 64, vocab_size: int | None = None, token_dim: int | None = None,
+                 psco: tuple[int, int] | None = None):
         super().__init__()
         self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
+        if psco:
+            from metassl.ssl.psco import mlp
+
+            hidden, out = psco
+            self.psco_projector = mlp(dim, hidden, out, last_norm=True)
+            self.psco_predictor = mlp(out, hidden, out, last_norm=False)
         if vocab_size:
             t = token_dim or dim
             self.mlm = nn.Sequential(nn.Linear(t, t), nn.GELU(), nn.LayerNorm(t), nn.Linear(t, vocab_size))
@@ -61,14 +70,17 @@ class SSLWeights:
     rotation: float = 1.0
     temperature: float = 0.5
     mlm: float = 1.0
+    psco: float = 0.0
 
 
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # rows -> (every worker's rows, own start)
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor -> its sum over the workers
 
 
 def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads, head_params: Params,
              views: tuple[torch.Tensor, ...], weights: SSLWeights,
-             gather: Gather | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             gather: Gather | None = None, psco: PscoState | None = None,
+             reduce: Reduce | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the SSL loss of a batch of views `(x1, x2, rot_x, rot_y)` and its parts.
 
     `x1`, `x2`: `[B, C, H, W]` two views of `B` images; `rot_x` `[R, C, H, W]` with its
@@ -80,6 +92,9 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
     when training on several workers) makes NT-Xent compare this worker's pairs with the
     projections of every worker's views; this worker's loss is the mean over its own pairs
     and averaging the workers' gradients gives the gradient of the whole meta-batch's loss.
+    `psco` (with `weights.psco`): PsCo's loss on the same two views, with its momentum network
+    and queue (`metassl.ssl.psco`); `reduce` sums over workers (Sinkhorn's balancing). This
+    step's momentum projections are left in `psco.pending` for `psco.after_step`.
     """
     x1, x2, rot_x, rot_y = views
     parts: dict[str, float] = {}
@@ -100,6 +115,10 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
             loss = nt_xent(z1, z2, weights.temperature, anchors=(first, first + b))
         parts["simclr_loss"] = float(loss.detach())
         total = total + weights.simclr * loss
+    if weights.psco and psco is not None:
+        loss, psco_parts = _psco_term(model, params, buffers, heads, head_params, x1, x2, psco, gather, reduce)
+        parts.update(psco_parts, psco_loss=float(loss.detach()))
+        total = total + weights.psco * loss
     if rot_x.dtype == torch.int64:  # texts: masked-language modelling
         picked = rot_y != -100
         count = picked.sum().to(torch.float32)
@@ -122,6 +141,29 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
         parts["rotation_acc"] = float((logits.argmax(-1) == rot_y).float().mean())
         total = total + weights.rotation * loss
     return total, parts
+
+
+def _psco_term(model, params, buffers, heads, head_params, x1, x2, psco: PscoState, gather, reduce):
+    """PsCo's loss: online predictions of `x1` against momentum projections of `x2` and the queue."""
+    projector, predictor = _sub(head_params, "psco_projector."), _sub(head_params, "psco_predictor.")
+    z1 = forward(heads.psco_projector, projector, {}, features(model, params, _scratch(buffers), x1))
+    p1 = full_precision(forward(heads.psco_predictor, predictor, {}, z1))
+    with torch.no_grad():
+        z2 = features(model, psco.params, _scratch(psco.buffers), x2)
+        z2 = torch.nn.functional.normalize(full_precision(forward(heads.psco_projector, psco.projector, {}, z2)),
+                                           dim=-1)
+    rows = (lambda t: gather(t)[0]) if gather is not None else None
+    loss, parts = psco_loss(p1, z2, psco.queue, shots=psco.shots, temperature=psco.temperature,
+                            temperature2=psco.temperature2, sinkhorn_iterations=psco.sinkhorn_iterations,
+                            gather=rows, reduce=reduce)
+    with torch.no_grad():
+        psco.pending = rows(z2) if rows is not None else z2  # every worker's, in rank order
+    return loss, parts
+
+
+def psco_projector(head_params: Params) -> Params:
+    """The online projector's parameters among the SSL heads' (what PsCo's momentum network follows)."""
+    return _sub(head_params, "psco_projector.")
 
 
 def _scratch(buffers: Params) -> Params:

@@ -25,7 +25,8 @@ from metassl.generate.source import TrainingSource, cpu_weights, encoder_version
 from metassl.generative.fit import needs_generative
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
-from metassl.objective import SSLHeads, SSLWeights, combined_gradients, ssl_loss
+from metassl.objective import SSLHeads, SSLWeights, combined_gradients, psco_projector, ssl_loss
+from metassl.ssl.psco import PscoState
 from metassl.registry import (build_backbone, build_learner, build_sampler, has_inner_loop, is_regression,
                               read_tokenizer_text, text_settings)
 
@@ -305,12 +306,17 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     text = text_settings(cfg)
     # a text run's vocabulary travels in its checkpoints: they evaluate anywhere with the ids they learned
     vocabulary = read_tokenizer_text(cfg.data.tokenizer) if text and cfg.data.tokenizer else None
-    heads = SSLHeads(getattr(model, "embedding_dim", 1), cfg.objective.proj_dim, text and text["vocab_size"],
-                     getattr(model, "token_dim", None))
+    o = cfg.objective
+    uses_psco = use_ssl and o.psco > 0
+    heads = SSLHeads(getattr(model, "embedding_dim", 1), o.proj_dim, text and text["vocab_size"],
+                     getattr(model, "token_dim", None), (o.psco_hidden, o.psco_dim) if uses_psco else None)
     head_params = ({k: v.detach().clone().to(device).requires_grad_() for k, v in heads.named_parameters()}
                    if use_ssl else {})
-    ssl_weights = SSLWeights(cfg.objective.simclr, cfg.objective.rotation, cfg.objective.temperature,
-                             cfg.objective.mlm)
+    ssl_weights = SSLWeights(o.simclr, o.rotation, o.temperature, o.mlm, o.psco)
+    # PsCo's momentum network (EMA of the backbone and projector) and queue: state beside the weights
+    psco = (PscoState(params, buffers, psco_projector(head_params), size=o.psco_queue, dim=o.psco_dim,
+                      momentum=o.psco_momentum, seed=cfg.seed, shots=o.psco_shots, temperature=o.psco_temperature,
+                      temperature2=o.psco_temperature2) if uses_psco else None)
     named = {**params, **head_params}  # every outer-loop parameter, by name
     all_params = list(named.values())
     opt, sched = make_optimizer(cfg, named)
@@ -338,6 +344,10 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         history, losses = list(state.get("val_history", [])), list(state.get("loss_history", []))
         resumes = list(state.get("resumed_at", [])) + [start]
         skipped = int(state.get("skipped_steps", 0))
+        if psco is not None:
+            if not state.get("psco"):
+                raise CheckpointError(f"{name} holds no PsCo state (momentum network, queue) for objective.psco")
+            psco.load_state_dict(state["psco"])
         if lead:
             log(f"resuming {run_dir} from {name} (step {start})")
 
@@ -416,6 +426,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             "loss_history": losses, "resumed_at": resumes, "skipped_steps": guard.skipped,
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
             "generative_refit": refit.state_dict() if refit is not None else None,
+            "psco": psco.state_dict() if psco is not None else None,
             **({"tokenizer": vocabulary} if vocabulary is not None else {}),
         })
         if is_best or (val is None and not checkpoint.best_path(run_dir).exists()):
@@ -441,7 +452,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             views = tuple(v.to(device) for v in views)
             with autocast():
                 ssl, parts = ssl_loss(model, params, buffers, heads, head_params, views, ssl_weights,
-                                      gather=distributed.gather_rows)  # NT-Xent negatives: the whole meta-batch
+                                      gather=distributed.gather_rows,  # NT-Xent negatives: the whole meta-batch
+                                      psco=psco, reduce=distributed.sum_all)
             metrics.update(parts, ssl_loss=float(ssl.detach()))
         metrics["meta_loss"] = float(out.loss.detach())
         grads, head_grads = combined_gradients(out, ssl, cfg.objective.ssl_weight, params, head_params,
@@ -461,6 +473,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                 break
             for k, v in before.items():
                 buffers[k].copy_(v)
+            if psco is not None:
+                psco.pending = None  # a skipped step queues nothing
         else:
             guard.on_good_step()
             for p, g in zip(all_params, grads):
@@ -470,6 +484,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             opt.step()
             sched.step()
             distributed.average_buffers_(buffers)  # running statistics stay the same on every worker
+            if psco is not None:
+                psco.after_step(params, buffers, psco_projector(head_params))
         metrics["grad_norm"] = float(grad_norm)
         step += 1
         window_steps += 1

@@ -442,7 +442,7 @@ def test_omniglot_corrupt_npz_names_the_file(tmp_path, content):
 def test_omniglot_rejects_unknown_split_and_protocol(tmp_path):
     with pytest.raises(DataError, match="train, val, test"):
         load_omniglot(tmp_path, "trainval")
-    with pytest.raises(DataError, match="supervised, unsupervised"):
+    with pytest.raises(DataError, match="supervised, unsupervised, psco"):
         load_omniglot(tmp_path, "train", protocol="semi")
 
 
@@ -498,3 +498,17 @@ def test_registry_names_valid_datasets_and_checks_arguments():
         load_split("digits", "val", channels=3)
     with pytest.raises(DataError, match="needs a folder"):
         load_split("imagefolder", "train")
+
+
+def test_psco_protocol_has_the_supervised_classes_and_a_rotated_unlabelled_pool():
+    """PsCo's protocol: each (character, rotation) of the Vinyals split is a class (4 x 423 test
+    classes), and the unlabelled meta-train pool holds every rotated train image."""
+    from metassl.config import load
+    from metassl.registry import load_unlabelled
+
+    psco, supervised = load_omniglot(None, "test", "psco"), load_omniglot(None, "test", "supervised")
+    assert len(psco.class_names) == 4 * 423 and psco.class_names == supervised.class_names
+    assert torch.equal(psco.x, supervised.x) and torch.equal(psco.y, supervised.y)
+    assert psco.name == "omniglot/psco/test"
+    pool = load_unlabelled(load(None, ["data.dataset=omniglot", "data.protocol=psco", "generator.kind=augment"]))
+    assert pool.shape == (4 * 1028 * 20, 1, 28, 28)

@@ -7,6 +7,14 @@ lists published with Prototypical Networks). Two protocols build classes from th
   0, 90, 180 and 270 degrees, so train/val/test have 4112/688/1692 classes. A rotation
   turns the whole image counter-clockwise (torch.rot90 over the last two dims).
 * "unsupervised" (CACTUs, UMTRA, ...): the characters unrotated, 1028/172/423 classes.
+* "psco": PsCo's protocol (Jang et al. 2023, public code `alinlab/PsCo`): the classes of
+  "supervised" (its `splits/omniglot/vinyals_{train,val,test}_labels.json` list these same
+  1028/172/423 characters, and its `Omniglot` dataset makes each of the 4 rotations a class),
+  with the labels unused in meta-training: the unlabelled pool is every rotated train image
+  (82,240). Its evaluation is 2000 test tasks with 15 queries per class, BatchNorm in eval
+  mode (`experiments/omniglot_unsupervised_psco.yaml` sets these). PsCo also normalises
+  pixels with a dataset mean and std and resizes the 105x105 bitmaps bilinearly; here the
+  28x28 images are area-averaged and not standardised (the first BatchNorm absorbs the scale).
 
 Every class has the 20 drawings of its character. Images are [1, S, S] float32 with ink
 = 1 and paper = 0; the value of a pixel is its inked fraction (area averaging). S = 28
@@ -36,7 +44,7 @@ from metassl.data.paths import data_home
 from metassl.errors import DataError
 
 SPLITS = ("train", "val", "test")
-PROTOCOLS = ("supervised", "unsupervised")
+PROTOCOLS = ("supervised", "unsupervised", "psco")  # psco: supervised's classes, see above
 ROTATIONS = (0, 90, 180, 270)
 SHIPPED_SPLITS = Path(__file__).with_name("omniglot_vinyals_splits.txt")
 
@@ -116,7 +124,8 @@ def load_omniglot(
 ) -> FewShotSplit:
     """Returns one Vinyals split of Omniglot: x [N, 1, S, S] float32 in [0, 1] (ink = 1), y [N].
 
-    Class names are "Alphabet/characterNN/rotDDD" (rot000 only for protocol "unsupervised").
+    Class names are "Alphabet/characterNN/rotDDD" (rot000 only for protocol "unsupervised";
+    "psco" has the classes of "supervised").
     """
     if split not in SPLITS:
         raise DataError(f"unknown Omniglot split {split!r}; valid splits: {', '.join(SPLITS)}")
