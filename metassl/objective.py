@@ -19,7 +19,7 @@ from torch import nn
 
 from metassl.meta.functional import MetaOutput, Params, forward, full_precision
 from metassl.ssl.losses import nt_xent, rotation_loss
-from metassl.ssl.psco import PscoState, psco_loss
+from metassl.ssl.psco import PscoState, Reduce, mlp, psco_loss
 
 
 class SSLHeads(nn.Module):
@@ -34,8 +34,6 @@ class SSLHeads(nn.Module):
         super().__init__()
         self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
         if psco:
-            from metassl.ssl.psco import mlp
-
             hidden, out = psco
             self.psco_projector = mlp(dim, hidden, out, last_norm=True)
             self.psco_predictor = mlp(out, hidden, out, last_norm=False)
@@ -74,7 +72,6 @@ class SSLWeights:
 
 
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # rows -> (every worker's rows, own start)
-Reduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor -> its sum over the workers
 
 
 def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads, head_params: Params,

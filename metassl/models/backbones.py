@@ -89,8 +89,8 @@ class ChannelsLastConv2d(nn.Conv2d):
     The weight is stored, saved and updated in the usual layout; each forward passes a
     channels-last copy to the convolution (a differentiable copy of 64 x 64 x 3 x 3
     values), so the output is channels-last too and the BatchNorm, max-pool and ReLU after
-    it run their NHWC kernels. On CPU (oneDNN) this makes a Conv-4 step about 1.6x faster
-    at 28 x 28 (`experiments/bench_speed_levers.py`). The function is the same; float
+    it run their NHWC kernels. On CPU (oneDNN) this made a Conv-4 step at 28 x 28 about 1.3x
+    faster (`experiments/bench_speed_levers.py`, experiments/RESULTS.md). The function is the same; float
     sums run in another order, so values differ by rounding (BatchNorm's NHWC statistics
     are the least exact: ~3e-5 relative against ~1e-7).
     """
