@@ -182,13 +182,12 @@ def methods(model, batch, args):
             return list(torch.autograd.grad(total / t, list(params.values())))
         return run
 
-    def metassl(first_order, channels_last=False, **switches):
+    def metassl(first_order, **switches):
         learner = MAML(inner_lr=lr, first_order=first_order, **switches)
         params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
-        net = channels_last_twin(model) if channels_last else model
 
         def run():
-            out = learner.meta_step(net, params, {}, batch)
+            out = learner.meta_step(model, params, {}, batch)
             return list(torch.autograd.grad(out.loss, [params[k] for k in names]))
         return run
 
@@ -198,10 +197,9 @@ def methods(model, batch, args):
         body = model.features
         params = {k: v.detach().requires_grad_() for k, v in body.named_parameters()}
         n = args.n_way
-        fast_body = channels_last_twin(model).features  # metassl's default Conv-4
 
         def run_metassl():
-            out = ProtoNet().meta_step(fast_body, params, {}, batch)
+            out = ProtoNet().meta_step(body, params, {}, batch)
             return list(torch.autograd.grad(out.loss, list(params.values())))
 
         def run_bare():
@@ -232,19 +230,10 @@ def methods(model, batch, args):
     return table
 
 
-def channels_last_twin(model):
-    """The same Conv-4 (same parameter names; the caller passes the weights) with metassl's default
-    channels-last convolutions (`model.channels_last`)."""
-    from metassl.models.backbones import Conv4
-
-    return Conv4(1, 64, "layer", model.head.out_features, 28, channels_last=True).to(model.head.weight.device)
-
-
-# the metassl configurations timed: label -> MAML keyword switches (and channels_last: the model's)
+# the metassl configurations timed: label -> MAML keyword switches
 SPEED_PATHS = {
     "reference path": {"split_query": False},
-    "default, NCHW": {},
-    "default": {"channels_last": True},
+    "default": {},
 }
 
 REFERENCE = {  # which bare computation each method's gradient is checked against

@@ -13,7 +13,8 @@ includes torch.compile's compilation, is reported apart).
 
 Variant names join levers with "+":
 - `textbook`: Conv-4 blocks in the order conv, norm, ReLU, max-pool (the default pools first);
-- `nchw`: convolutions in NCHW memory order (the default, `model.channels_last`, runs them NHWC);
+- `nchw`: convolutions in NCHW memory order, the default (without it this script runs them NHWC,
+  `model.channels_last: true`);
 - `compile`: the backbone's forward through `torch.compile` (static shapes);
 - `bf16`: the step under bf16 autocast (CPU);
 - maml only: `reference` (split_query=false; otherwise the default split query pass).

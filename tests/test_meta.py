@@ -413,7 +413,7 @@ def test_split_query_is_a_config_switch():
 @pytest.mark.parametrize("learner_name", ["maml", "protonet", "matchingnet"])
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_channels_last_models_give_the_reference_meta_gradient(learner_name, norm):
-    """A Conv-4 with channels-last convolutions (the default) against the NCHW reference: the same
+    """A Conv-4 with channels-last convolutions (model.channels_last) against the NCHW reference: the same
     meta-gradient (second-order MAML, with its default split query, against the reference path).
     float64, tolerance: torch.testing's default for float64 (rtol 1e-7, atol 1e-7)."""
     from metassl.models import Conv4

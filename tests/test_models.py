@@ -93,10 +93,10 @@ def test_channels_last_switch_reaches_the_model_and_turns_off():
         model = build_backbone(cfg, build_learner(cfg))
         return {type(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
 
-    cfg = Config()
-    assert cfg.model.channels_last and convs(cfg) == {ChannelsLastConv2d}
-    off = replace(cfg, model=replace(cfg.model, channels_last=False))
-    assert convs(off) == {torch.nn.Conv2d}  # the reference path: plain NCHW convolutions
+    off = Config()
+    assert not off.model.channels_last and convs(off) == {torch.nn.Conv2d}  # default: the NCHW reference path
+    cfg = replace(off, model=replace(off.model, channels_last=True))
+    assert convs(cfg) == {ChannelsLastConv2d}
     vmapped = replace(cfg, learner=replace(cfg.learner, name="maml", vectorize=True))
     assert convs(vmapped) == {torch.nn.Conv2d}  # vmap cannot restride weights: off under vectorize
     state = build_backbone(off, build_learner(off)).state_dict()
