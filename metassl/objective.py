@@ -142,7 +142,7 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
 
 def _psco_term(model, params, buffers, heads, head_params, x1, x2, psco: PscoState, gather, reduce):
     """PsCo's loss: online predictions of `x1` against momentum projections of `x2` and the queue."""
-    projector, predictor = _sub(head_params, "psco_projector."), _sub(head_params, "psco_predictor.")
+    projector, predictor = psco_projector(head_params), _sub(head_params, "psco_predictor.")
     z1 = forward(heads.psco_projector, projector, {}, features(model, params, _scratch(buffers), x1))
     p1 = full_precision(forward(heads.psco_predictor, predictor, {}, z1))
     with torch.no_grad():

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metassl.meta.functional import full_precision
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over workers (identity on one worker)
 
 
@@ -49,11 +51,6 @@ def mlp(*sizes: int, last_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """`t` in fp32 when it is bf16 or fp16 (similarities and logits are computed in fp32 or wider)."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-
-
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
              reduce: Reduce | None = None) -> torch.Tensor:
@@ -68,7 +65,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
     reduce = reduce or (lambda t: t)
     entries = scores.shape[1]
     total_rows = reduce(torch.tensor(float(scores.shape[0]), device=scores.device))
-    q = torch.exp((_wide(scores) - 1.0) / epsilon)
+    q = torch.exp((full_precision(scores) - 1.0) / epsilon)
     q /= reduce(q.sum())
     for _ in range(iterations):
         q /= reduce(q.sum(dim=0, keepdim=True))
@@ -92,9 +89,9 @@ def psco_loss(p1: torch.Tensor, z2: torch.Tensor, queue: torch.Tensor, *, shots:
     worker's SupCon denominator holds every worker's shots. The loss is the mean over this
     worker's rows; averaged over equally loaded workers it is the loss of the whole batch.
     """
-    p1 = F.normalize(_wide(p1), dim=-1)
+    p1 = F.normalize(full_precision(p1), dim=-1)
     with torch.no_grad():
-        z2 = F.normalize(_wide(z2.detach()), dim=-1).to(p1.dtype)
+        z2 = F.normalize(full_precision(z2.detach()), dim=-1).to(p1.dtype)
         queue = queue.detach().to(p1.dtype)
         assignment = sinkhorn(z2 @ queue.T, iterations=sinkhorn_iterations, reduce=reduce)  # [B, K]
         picked = torch.topk(assignment, k=shots, dim=1).indices  # [B, shots]
