@@ -147,6 +147,15 @@ def omniglot_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def speech_root() -> Path:
+    root = shared_data()
+    if root is None or not (root / "arabic_speech_commands" / "asc_8k.npz").is_file():
+        pytest.skip("shared Arabic Speech Commands not found: set METASSL_SHARED_DATA to the folder holding "
+                    "arabic_speech_commands/")
+    return root / "arabic_speech_commands"
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A local S3-compatible server (moto) on 127.0.0.1 with its bucket "metassl", or None without moto.
 

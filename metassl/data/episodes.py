@@ -23,7 +23,8 @@ class Episode:
     [tasks] dimension).
 
     Classification (from `EpisodeSampler`), for N = n_way, K = k_shot, Q = n_query and items
-    of shape S (images `[C, H, W]` float32, texts `[2, L]` int64: token ids, attention mask):
+    of shape S (images `[C, H, W]` float32, texts `[2, L]` int64: token ids, attention mask,
+    audio `[1, T]` float32 waveforms):
         support_x: [N*K, *S]; support_y: [N*K] int64 labels 0..N-1
         query_x:   [N*Q, *S]; query_y:   [N*Q] int64
     Both sets are label-major: all examples of label 0 first, then label 1, and so on.
@@ -69,10 +70,11 @@ def stack_episodes(episodes: Sequence[Episode]) -> Episode:
 
 @dataclass(frozen=True, eq=False)
 class FewShotSplit:
-    """Labelled items (images or texts) of one split.
+    """Labelled items (images, texts or audio clips) of one split.
 
-    x: images [N, C, H, W] float32 in [0, 1], or texts [N, 2, L] int64 (token ids, attention
-    mask; see metassl.data.tokenizer); y: [N] int64 in 0..num_classes-1, where class `c` is
+    x: images [N, C, H, W] float32 in [0, 1], texts [N, 2, L] int64 (token ids, attention
+    mask; see metassl.data.tokenizer), or audio [N, 1, T] float32 waveforms in [-1, 1] (see
+    metassl.data.audio); y: [N] int64 in 0..num_classes-1, where class `c` is
     named `class_names[c]`. `name` says where the split came from, e.g.
     "omniglot/supervised/train"; error messages quote it. `query_only` (a bool per row, or
     None) splits each class into a support pool (False) and a query pool (True): CLINC150's
@@ -85,6 +87,8 @@ class FewShotSplit:
     class_names: tuple[str, ...] = field(repr=False)
     name: str
     query_only: np.ndarray | None = field(default=None, repr=False)
+    groups: np.ndarray | None = field(default=None, repr=False)
+    group_names: tuple[str, ...] = field(default=(), repr=False)
     # Row indices of each class, filled in by __post_init__: class_indices[c] is a 1-d int64
     # numpy array of the rows of x whose label is c, in ascending order.
     class_indices: tuple[np.ndarray, ...] = field(init=False, repr=False)
@@ -92,11 +96,18 @@ class FewShotSplit:
     def __post_init__(self) -> None:
         image = self.x.ndim == 4 and self.x.dtype == torch.float32
         text = self.x.ndim == 3 and self.x.dtype == torch.int64 and self.x.shape[1] == 2
-        if not (image or text):
+        audio = self.x.ndim == 3 and self.x.dtype == torch.float32 and self.x.shape[1] == 1
+        if not (image or text or audio):
             raise DataError(
-                f"split {self.name!r}: x must be images (float32 [N, C, H, W]) or texts (int64 [N, 2, L]), "
-                f"got {self.x.dtype} with shape {list(self.x.shape)}"
+                f"split {self.name!r}: x must be images (float32 [N, C, H, W]), texts (int64 [N, 2, L]) or "
+                f"audio (float32 [N, 1, T]), got {self.x.dtype} with shape {list(self.x.shape)}"
             )
+        if self.groups is not None:
+            g = self.groups
+            if g.shape != (len(self.x),) or not np.issubdtype(g.dtype, np.integer) or (
+                    len(g) and (g.min() < 0 or g.max() >= len(self.group_names))):
+                raise DataError(f"split {self.name!r}: groups must be an integer array with one value per row, "
+                                f"each in 0..{len(self.group_names) - 1} (one per group name)")
         if self.query_only is not None and (self.query_only.dtype != bool or self.query_only.shape != (len(self.x),)):
             raise DataError(f"split {self.name!r}: query_only must be a bool array with one value per row")
         if self.y.ndim != 1 or self.y.dtype != torch.int64 or len(self.y) != len(self.x):
@@ -141,10 +152,17 @@ def check_int(name: str, value: object, minimum: int) -> int:
 
 
 class EpisodeSampler:
-    """Seeded N-way K-shot sampler over a FewShotSplit: episode i depends only on (seed, i)."""
+    """Seeded N-way K-shot sampler over a FewShotSplit: episode i depends only on (seed, i).
 
-    def __init__(self, split: FewShotSplit, n_way: int, k_shot: int, n_query: int, seed: int = 0):
+    `disjoint_groups` (a split with `groups`, e.g. speakers): each episode splits the groups
+    present in the split into two random halves (the first floor(G/2) of a seeded permutation
+    for the support, the rest for the queries), so no query shares a group with a shot.
+    """
+
+    def __init__(self, split: FewShotSplit, n_way: int, k_shot: int, n_query: int, seed: int = 0,
+                 disjoint_groups: bool = False):
         self.split = split
+        self.disjoint_groups = bool(disjoint_groups)
         self.n_way = check_int("n_way", n_way, 2)
         self.k_shot = check_int("k_shot", k_shot, 1)
         self.n_query = check_int("n_query", n_query, 1)
@@ -154,7 +172,9 @@ class EpisodeSampler:
                 f"n_way={self.n_way} but split {split.name!r} has only {split.num_classes} "
                 f"classes; use n_way <= {split.num_classes}"
             )
-        if split.query_only is None:
+        if self.disjoint_groups:
+            self._check_groups()
+        elif split.query_only is None:
             needed = self.k_shot + self.n_query
             sizes = [len(rows) for rows in split.class_indices]
             smallest = int(np.argmin(sizes))
@@ -173,6 +193,32 @@ class EpisodeSampler:
                                         f"{split.name!r} has only {len(rows)} {pool} examples; use "
                                         f"{key} <= {len(rows)}")
 
+    def _check_groups(self) -> None:
+        """Raises DataError unless every episode can find its shots and queries in its halves of the groups."""
+        split = self.split
+        if split.groups is None:
+            raise DataError(f"split {split.name!r} has no groups (e.g. speakers), so support and queries cannot "
+                            "come from disjoint groups; turn disjoint groups off")
+        if split.query_only is not None:
+            raise DataError(f"split {split.name!r} already fixes which rows are queries (query_only); disjoint "
+                            "groups cannot be added to that")
+        self._group_ids = np.unique(split.groups)
+        if len(self._group_ids) < 2:
+            raise DataError(f"split {split.name!r} has {len(self._group_ids)} group(s); disjoint support and "
+                            "queries need at least 2")
+        half = len(self._group_ids) // 2
+        for c, rows in enumerate(split.class_indices):
+            counts = np.sort(np.bincount(np.searchsorted(self._group_ids, split.groups[rows]),
+                                         minlength=len(self._group_ids)))
+            # the worst case: the class's smallest groups all land in one half
+            for key, want, size in (("k_shot", self.k_shot, half),
+                                    ("n_query", self.n_query, len(self._group_ids) - half)):
+                if counts[:size].sum() < want:
+                    raise DataError(f"{key}={want} but class {split.class_names[c]!r} of split {split.name!r} can "
+                                    f"have only {counts[:size].sum()} examples in {size} of its "
+                                    f"{len(self._group_ids)} groups; use {key} <= {counts[:size].sum()}, or "
+                                    "turn disjoint groups off")
+
     def episode_indices(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Returns (classes [n_way], support rows [n_way*k_shot], query rows [n_way*n_query]).
 
@@ -184,9 +230,17 @@ class EpisodeSampler:
         # choice without replacement returns the classes in random order, so episode label j
         # is a uniformly random class.
         classes = rng.choice(self.split.num_classes, size=self.n_way, replace=False)
+        if self.disjoint_groups:
+            order = rng.permutation(self._group_ids)
+            in_support = np.isin(self.split.groups, order[: len(order) // 2])
         support, query = [], []
         for c in classes:
-            if self.split.query_only is None:
+            if self.disjoint_groups:  # shots from one half of the groups, queries from the other
+                rows = self.split.class_indices[c]
+                shots, queries = rows[in_support[rows]], rows[~in_support[rows]]
+                support.append(shots[rng.choice(len(shots), size=self.k_shot, replace=False)])
+                query.append(queries[rng.choice(len(queries), size=self.n_query, replace=False)])
+            elif self.split.query_only is None:
                 rows = self.split.class_indices[c]
                 picked = rows[rng.choice(len(rows), size=self.k_shot + self.n_query, replace=False)]
                 support.append(picked[: self.k_shot])

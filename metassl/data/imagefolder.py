@@ -36,6 +36,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _MODES = {1: "L", 3: "RGB"}
+_EXAMPLES = {"image": "<image>.png", "audio": "<clip>.wav"}  # how errors show a file of a class folder
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -115,28 +116,32 @@ def check_disjoint(classes: Mapping[str, Sequence[str]], where: str) -> None:
                                 "the held-out results would score classes the model was trained on")
 
 
-def find_layout(root: Path) -> str:
-    """Returns "splits" (layout (a): train/, val/, test/) or "classes" (layout (b)) for the folder `root`."""
+def find_layout(root: Path, kind: str = "image") -> str:
+    """Returns "splits" (layout (a): train/, val/, test/) or "classes" (layout (b)) for the folder `root`.
+
+    `kind` ("image" or "audio") only words the errors.
+    """
+    example = _EXAMPLES[kind]
     if not root.exists():
-        raise DataError(f"the image folder {root} does not exist; expected {root}/<class>/<image>.png "
-                        f"or {root}/{{train,val,test}}/<class>/<image>.png")
+        raise DataError(f"the {kind} folder {root} does not exist; expected {root}/<class>/{example} "
+                        f"or {root}/{{train,val,test}}/<class>/{example}")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; expected a folder with one subfolder of images per class")
     names = [p.name for p in _subfolders(root)]
     if not names:
-        raise DataError(f"the image folder {root} has no class subfolders; expected {root}/<class>/<image>.png")
+        raise DataError(f"the {kind} folder {root} has no class subfolders; expected {root}/<class>/{example}")
     present = [s for s in SPLITS if s in names]
     if not present:
         return "classes"
     missing = [s for s in SPLITS if s not in names]
     if missing:
-        raise DataError(f"the image folder {root} has {', '.join(s + '/' for s in present)} but no "
+        raise DataError(f"the {kind} folder {root} has {', '.join(s + '/' for s in present)} but no "
                         f"{', '.join(s + '/' for s in missing)}: a folder split by hand needs all of train/, "
                         f"val/ and test/ (rename a class folder called {present[0]!r}, or put every class "
                         f"directly under {root} for a seeded split)")
     extra = [n for n in names if n not in SPLITS]
     if extra:
-        raise DataError(f"the image folder {root} has train/, val/, test/ and also {_quote(extra)}; put "
+        raise DataError(f"the {kind} folder {root} has train/, val/, test/ and also {_quote(extra)}; put "
                         "every class folder inside one of train/, val/, test/")
     return "splits"
 
@@ -148,7 +153,7 @@ def _check_split(split: str) -> None:
 
 
 def split_folders(path: str | Path, split: str, split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                  split_seed: int = 0) -> tuple[list[Path], str]:
+                  split_seed: int = 0, kind: str = "image") -> tuple[list[Path], str]:
     """Returns (the class folders of `split`, sorted by name; a name saying which classes they are).
 
     `split` is "train", "val", "test" or "all" (every class of the folder). No image is read.
@@ -156,26 +161,27 @@ def split_folders(path: str | Path, split: str, split_fractions: Sequence[float]
     """
     _check_split(split)
     root = Path(path).expanduser()
-    layout = find_layout(root)
+    example = _EXAMPLES[kind]
+    layout = find_layout(root, kind)
     if layout == "splits":
         folders = {s: _subfolders(root / s) for s in SPLITS}
         for s, found in folders.items():
             if not found:
-                raise DataError(f"{root / s} has no class subfolders; expected {root / s}/<class>/<image>.png")
-        check_disjoint({s: [p.name for p in found] for s, found in folders.items()}, f"the image folder {root}")
+                raise DataError(f"{root / s} has no class subfolders; expected {root / s}/<class>/{example}")
+        check_disjoint({s: [p.name for p in found] for s, found in folders.items()}, f"the {kind} folder {root}")
         chosen = sorted((p for s in SPLITS for p in folders[s]), key=lambda p: p.name) if split == "all" \
             else folders[split]
-        return chosen, f"imagefolder/{root.name}:{split}"
+        return chosen, f"{kind}folder/{root.name}:{split}"
     folders = _subfolders(root)
     if split == "all":
-        return folders, f"imagefolder/{root.name}:all"
+        return folders, f"{kind}folder/{root.name}:all"
     try:
         fractions = check_fractions(split_fractions)
         names = set(split_class_names([p.name for p in folders], fractions, split_seed)[split])
     except DataError as err:
-        raise DataError(f"the image folder {root} (one folder of classes): {err}") from None
+        raise DataError(f"the {kind} folder {root} (one folder of classes): {err}") from None
     return ([p for p in folders if p.name in names],
-            f"imagefolder/{root.name}:{split}(split_seed={split_seed}, "
+            f"{kind}folder/{root.name}:{split}(split_seed={split_seed}, "
             f"split_fractions={'/'.join(f'{f:g}' for f in fractions)})")
 
 
@@ -185,7 +191,7 @@ def same_folder(a: str | Path, b: str | Path) -> bool:
 
 
 def unseen_folders(path: str | Path, split: str, trained_on: str | Path, split_fractions: Sequence[float],
-                   split_seed: int) -> tuple[list[Path], str]:
+                   split_seed: int, kind: str = "image") -> tuple[list[Path], str]:
     """Returns (class folders, name) for evaluating a run trained on `trained_on` on another folder `path`.
 
     Layout (a): the `split` subfolder's classes; layout (b): every class (none were trained
@@ -194,13 +200,13 @@ def unseen_folders(path: str | Path, split: str, trained_on: str | Path, split_f
     """
     _check_split(split)
     root = Path(path).expanduser()
-    if find_layout(root) == "splits":
-        folders, name = split_folders(root, split)
+    if find_layout(root, kind) == "splits":
+        folders, name = split_folders(root, split, kind=kind)
     else:
-        folders, name = split_folders(root, "all")
+        folders, name = split_folders(root, "all", kind=kind)
     if split != "train":
         try:
-            trained, _ = split_folders(trained_on, "train", split_fractions, split_seed)
+            trained, _ = split_folders(trained_on, "train", split_fractions, split_seed, kind)
         except DataError as err:
             raise DataError(f"cannot check that the classes of {root} were not trained on: the run's "
                             f"training folder could not be read ({err})") from None
