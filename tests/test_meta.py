@@ -222,9 +222,9 @@ def _support_bn_model():
 
 
 def test_support_batchnorm_uses_only_support_statistics_and_tracks_nothing():
-    from metassl.models.backbones import SupportBatchNorm2d
+    from metassl.models.backbones import SupportBatchNorm
 
-    bn = SupportBatchNorm2d(4)
+    bn = SupportBatchNorm(4)
     x = torch.randn(10, 4, 3, 3) * 3 + 1
     out = bn(x, reference=4)
     ref = nn.functional.batch_norm(x[:4], None, None, training=True)

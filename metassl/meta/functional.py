@@ -40,10 +40,10 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
 
 
 def uses_support_statistics(model: nn.Module) -> bool:
-    """True when `model` normalises with support-set statistics (SupportBatchNorm2d layers)."""
-    from metassl.models.backbones import SupportBatchNorm2d
+    """True when `model` normalises with support-set statistics (SupportBatchNorm layers)."""
+    from metassl.models.backbones import SupportBatchNorm
 
-    return any(isinstance(m, SupportBatchNorm2d) for m in model.modules())
+    return any(isinstance(m, SupportBatchNorm) for m in model.modules())
 
 
 def query_forward(model: nn.Module, params: Params, buffers: Params, support_x: torch.Tensor,

@@ -19,17 +19,18 @@ NORMS = {
     "layer": "per-sample (GroupNorm with one group), no running statistics",
     "group": "per-sample GroupNorm with 8 groups, no running statistics",
     "batch": "BatchNorm with running statistics (eval mode uses them: non-transductive); under a learner "
-             "with an inner loop, statistics of the support set instead (see SupportBatchNorm2d)",
+             "with an inner loop, statistics of the support set instead (see SupportBatchNorm)",
     "batch_transductive": "BatchNorm without running statistics (batch statistics, also at test time)",
     "none": "no normalisation",
 }
 
 
-class SupportBatchNorm2d(nn.Module):
+class SupportBatchNorm(nn.Module):
     """BatchNorm whose statistics come from the support set, in meta-training and at test time alike.
 
-    `forward(x, reference=None)` normalises each channel of `x` `[B, C, H, W]` with the mean
-    and (biased) variance of its first `reference` rows (all rows when None), then applies
+    `forward(x, reference=None)` normalises each channel of `x` `[B, C, ...]` (images `[B, C, H,
+    W]`, sequences `[B, C, L]`) with the mean and (biased) variance of its first `reference`
+    rows (all rows when None) over every position, then applies
     the learned affine `weight`, `bias`. Learners with an inner loop (MAML, first-order MAML,
     Meta-SGD, Reptile) adapt on the support set alone, so its statistics are the support's;
     for the query they pass `[support; query]` with `reference = len(support)`, so a query
@@ -46,22 +47,25 @@ class SupportBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor, reference: int | None = None) -> torch.Tensor:
         ref = x if reference is None else x[:reference]
-        var, mean = torch.var_mean(ref, dim=(0, 2, 3), correction=0, keepdim=True)
-        scale = self.weight[None, :, None, None] * torch.rsqrt(var + self.eps)
-        return (x - mean) * scale + self.bias[None, :, None, None]
+        var, mean = torch.var_mean(ref, dim=(0, *range(2, x.ndim)), correction=0, keepdim=True)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        scale = self.weight.view(shape) * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias.view(shape)
 
 
-def _norm_layer(norm: str, channels: int, support_statistics: bool = False) -> nn.Module:
+def _norm_layer(norm: str, channels: int, support_statistics: bool = False, dims: int = 2) -> nn.Module:
+    """The normalisation `norm` of `channels` feature maps of `dims` spatial dimensions (2: images, 1: sequences)."""
+    batch_norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
     if norm == "batch" and support_statistics:
-        return SupportBatchNorm2d(channels)
+        return SupportBatchNorm(channels)
     if norm == "layer":
         return nn.GroupNorm(1, channels)
     if norm == "group":
         return nn.GroupNorm(8, channels)
     if norm == "batch":
-        return nn.BatchNorm2d(channels, track_running_stats=True)
+        return batch_norm(channels, track_running_stats=True)
     if norm == "batch_transductive":
-        return nn.BatchNorm2d(channels, track_running_stats=False)
+        return batch_norm(channels, track_running_stats=False)
     if norm == "none":
         return nn.Identity()
     raise ConfigError(f"model.norm={norm!r} is not one of {sorted(NORMS)}")
@@ -132,7 +136,7 @@ class Conv4(nn.Module):
     Input `[batch, in_channels, H, W]`; output `[batch, out_features]` when
     `out_features` is set (a linear classifier head, as MAML uses), else the flat
     embedding `[batch, hidden * (H // 16) * (W // 16)]` (ProtoNets, Matching Nets).
-    `support_statistics` makes `norm="batch"` a SupportBatchNorm2d (learners with an
+    `support_statistics` makes `norm="batch"` a SupportBatchNorm (learners with an
     inner loop); `forward(x, reference)` then normalises with the first `reference` rows.
     `channels_last` runs the convolutions in NHWC memory order (ChannelsLastConv2d): the
     same parameters and function, faster on CPU; False is the NCHW reference path.
@@ -171,7 +175,7 @@ class Conv4(nn.Module):
 
     def forward(self, x, reference: int | None = None):
         for layer in self.features:
-            x = layer(x, reference) if isinstance(layer, SupportBatchNorm2d) else layer(x)
+            x = layer(x, reference) if isinstance(layer, SupportBatchNorm) else layer(x)
         return self.head(x) if self.head is not None else x
 
 
