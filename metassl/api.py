@@ -264,11 +264,14 @@ def load(run_dir_or_checkpoint: Run | str | os.PathLike) -> Learner:
 def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | None = None,
              n_way: int | None = None, k_shot: int | None = None, n_query: int | None = None,
              episodes: int | None = None, seed: int | None = None, inner_steps: int | None = None,
-             dataset: str | None = None, protocol: str | None = None) -> EvalResult:
+             dataset: str | None = None, protocol: str | None = None, class_split: str | None = None,
+             disjoint_groups: bool | None = None) -> EvalResult:
     """Evaluate on fixed-seed held-out episodes, as `metassl eval`; unset options take the run's `eval` config.
 
     `dataset` is a spec like `--data` (`omniglot:PATH`, `imagefolder:PATH`, ...); `protocol`
-    (omniglot) is `supervised`, `unsupervised` or `psco`.
+    (omniglot) is `supervised`, `unsupervised` or `psco`; `class_split` replaces `data.class_split`
+    (arabic_speech_commands: `speakers` makes few-shot speaker identification of the same model);
+    `disjoint_groups` replaces `eval.disjoint_groups` (support and queries from disjoint speakers).
     """
     for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query), ("episodes", episodes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -276,7 +279,8 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
     if inner_steps is not None and inner_steps < 0:
         raise ConfigError(f"inner_steps={inner_steps} must be >= 0")
     for name, value, valid in (("split", split, CHOICES["eval.split"]),
-                               ("protocol", protocol, CHOICES["data.protocol"])):
+                               ("protocol", protocol, CHOICES["data.protocol"]),
+                               ("class_split", class_split, CHOICES["data.class_split"])):
         if value is not None and value not in valid:
             raise ConfigError(f"{name}={value!r} is not one of {list(valid)}")
     if isinstance(run_or_path, Learner):
@@ -289,11 +293,14 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
         dataset, root = "omniglot", dataset.split(":", 1)[1]
     if protocol:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, protocol=protocol))
+    if class_split:
+        cfg = with_values(cfg, {"data.class_split": class_split})  # validated as any config change
     return evaluate_model(
         cfg, learner, model, params, buffers, split=split or cfg.eval.split,
         episodes=episodes or cfg.eval.episodes, seed=cfg.eval.seed if seed is None else seed,
         n_way=n_way, k_shot=k_shot, n_query=n_query,
-        inner_steps=cfg.eval.inner_steps if inner_steps is None else inner_steps, dataset=dataset, root=root)
+        inner_steps=cfg.eval.inner_steps if inner_steps is None else inner_steps, dataset=dataset, root=root,
+        disjoint_groups=disjoint_groups)
 
 
 def export(run_or_path: Run | Learner | str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -75,22 +75,12 @@ def _tune(args) -> int:
 
 
 def _eval(args) -> int:
-    from metassl.evaluation import evaluate_model
-    from metassl.trainer import load_trained
+    from metassl.api import evaluate
 
-    cfg, learner, model, params, buffers, _ = load_trained(args.checkpoint)
-    dataset, root = args.data, None
-    if dataset is not None and dataset.startswith("omniglot:"):
-        dataset, root = "omniglot", dataset.split(":", 1)[1]
-    if args.protocol:
-        cfg = _replace_data(cfg, protocol=args.protocol)
     # Options left unset take the run's `eval` config, so `metassl eval RUN` repeats result.json.
-    res = evaluate_model(
-        cfg, learner, model, params, buffers, split=args.split or cfg.eval.split,
-        episodes=args.episodes or cfg.eval.episodes, seed=cfg.eval.seed if args.seed is None else args.seed,
-        n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query,
-        inner_steps=cfg.eval.inner_steps if args.inner_steps is None else args.inner_steps,
-        dataset=dataset, root=root)
+    res = evaluate(args.checkpoint, split=args.split, n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query,
+                   episodes=args.episodes, seed=args.seed, inner_steps=args.inner_steps, dataset=args.data,
+                   protocol=args.protocol, class_split=args.class_split, disjoint_groups=args.disjoint_groups)
     print(json.dumps(res.to_dict()) if args.json else res.summary())
     return 0
 
@@ -138,11 +128,6 @@ def _report(args) -> int:
     from metassl.report import main as report_main
 
     return report_main(args.runs, args.out, log=_log)
-
-
-def _replace_data(cfg, **changes):
-    import dataclasses
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
 
 
 def _positive(text: str) -> int:
@@ -213,9 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a trained model on held-out N-way K-shot episodes")
     e.add_argument("checkpoint", help="run directory (uses checkpoints/best.pt) or a .pt checkpoint")
-    e.add_argument("--data", help="dataset spec: digits | sinusoid | omniglot[:PATH] | imagefolder:PATH "
+    e.add_argument("--data", help="dataset spec: digits | sinusoid | omniglot[:PATH] | imagefolder:PATH | "
+                                  "clinc150[:PATH] | text:PATH | arabic_speech_commands[:PATH] | audio:PATH "
                                   "(default: the training dataset)")
     e.add_argument("--protocol", choices=["supervised", "unsupervised", "psco"], help="omniglot protocol")
+    e.add_argument("--class-split", choices=["primary", "domain_disjoint", "speakers"],
+                   help="the dataset's class split (arabic_speech_commands: speakers makes few-shot speaker "
+                        "identification; default: the run's data.class_split)")
+    e.add_argument("--disjoint-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="support and queries from disjoint halves of the speakers, drawn per episode "
+                        "(default: the run's eval.disjoint_groups)")
     e.add_argument("--split", choices=["train", "val", "test"], help="default: the run's eval.split")
     e.add_argument("--n-way", type=_positive)
     e.add_argument("--k-shot", type=_positive)

@@ -23,7 +23,9 @@ from metassl.errors import ConfigError
 class DataConfig:
     """Where episodes come from."""
 
-    dataset: str = "digits"  # digits | sinusoid | omniglot[:PATH] | imagefolder:PATH | clinc150[:PATH] | text:PATH
+    # digits | sinusoid | omniglot[:PATH] | imagefolder:PATH | clinc150[:PATH] | text:PATH
+    # | arabic_speech_commands[:PATH] | audio:PATH
+    dataset: str = "digits"
     root: str | None = None  # dataset folder (omniglot); None: $METASSL_DATA or download
     # omniglot: supervised (rotations as classes) | unsupervised (rotation 0) | psco (PsCo's: supervised's classes)
     protocol: str = "supervised"
@@ -35,12 +37,18 @@ class DataConfig:
     split_fractions: tuple[float, ...] = (0.6, 0.2, 0.2)
     split_seed: int = 0
     # texts (clinc150, text:PATH); see metassl.data.text and metassl.data.tokenizer
-    class_split: str = "primary"  # clinc150: primary (by intent) | domain_disjoint (no domain in two splits)
+    # clinc150: primary (by intent) | domain_disjoint (no domain in two splits); arabic_speech_commands:
+    # primary (keywords are the classes) | speakers (the authors' speaker split, speakers as classes)
+    class_split: str = "primary"
     # a tokenizer.json (path or URI); None: `metassl train` learns a WordPiece vocabulary from the
     # meta-train text into RUN/tokenizer.json, which every process of the run then reads
     tokenizer: str | None = None
     vocab_size: int = 4000  # most word pieces of a learned vocabulary (and rows of the token embedding)
     max_tokens: int = 32  # ids per text with [CLS] and [SEP]: longer texts are truncated, shorter padded
+    # audio (arabic_speech_commands, audio:PATH; see metassl.data.audio): clips are resampled to
+    # sample_rate and cut to their centre clip_seconds, or zero-padded equally at both ends
+    sample_rate: int = 8000
+    clip_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class EpisodeConfig:
 class ModelConfig:
     """Backbone."""
 
-    backbone: str = "conv4"  # conv4 (images) | transformer (texts) | mlp (sinusoid)
+    backbone: str = "conv4"  # conv4 (images) | transformer (texts) | audio (waveforms) | mlp (sinusoid)
     hidden: int = 64  # Conv-4 channels; Transformer width
     norm: str = "layer"  # layer | group | batch | batch_transductive | none
     mlp_hidden: tuple[int, ...] = (40, 40)  # MLP hidden widths
@@ -68,6 +76,11 @@ class ModelConfig:
     # Conv-4 convolutions in channels-last (NHWC) memory order: the same function, faster on CPU, but
     # fp32 gradients further from the NCHW reference (up to 1e-3 relative); off under learner.vectorize
     channels_last: bool = False
+    # audio: strided Conv1d blocks (one per kernel/stride; `hidden` channels) and a GRU of `context` units
+    kernels: tuple[int, ...] = (10, 8, 4, 4)
+    strides: tuple[int, ...] = (5, 4, 2, 2)
+    context: int = 128
+    context_net: str = "gru"  # gru | none (the embedding is then the mean of the frames)
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,10 @@ class ObjectiveConfig:
     psco_temperature2: float = 1.0  # SupCon term over the pseudo-task
     psco_hidden: int = 4096  # projector and predictor hidden width
     psco_dim: int = 256  # projection size
+    # contrastive predictive coding (audio; metassl/ssl/cpc.py): weight inside ssl_loss, on the
+    # episodes' clean source clips, and how many frames ahead it predicts
+    cpc: float = 0.0
+    cpc_steps: int = 12
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,19 @@ class AugmentConfig:
     noise_std: float = 0.0  # Gaussian pixel noise
     erase_prob: float = 0.0  # probability of erasing one random rectangle
     erase_max_frac: float = 0.25  # largest erased area as a fraction of the image
+
+
+@dataclass(frozen=True)
+class AudioAugmentConfig:
+    """Random view of an audio clip: time shift, speed, gain and additive noise (batched in torch)."""
+
+    shift: float = 0.1  # time shift drawn from U[-s, s] of the clip's length (zeros come in)
+    speed_min: float = 0.9  # playback speed drawn from U[speed_min, speed_max] (pitch and tempo together)
+    speed_max: float = 1.1
+    gain_db: float = 6.0  # gain drawn from U[-g, g] dB
+    noise_prob: float = 0.5  # probability of adding white noise
+    snr_db_min: float = 10.0  # its signal-to-noise ratio drawn from U[snr_db_min, snr_db_max] dB
+    snr_db_max: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +268,7 @@ class GeneratorConfig:
     # over every run of consecutive ids), made by that kind's own settings
     mix: dict = field(default_factory=dict)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    audio: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)  # the views of audio clips
     generative: GenerativeConfig = field(default_factory=GenerativeConfig)
     smlmt: SmlmtConfig = field(default_factory=SmlmtConfig)
 
@@ -258,6 +289,9 @@ class EvalConfig:
     # metric learners with a per-item backbone (no batch statistics at test time) embed every
     # item the episodes use once, not once per episode it appears in; false: one pass per episode
     embed_once: bool = True
+    # support and queries from disjoint halves of the split's groups, drawn per episode (audio: the
+    # speakers of arabic_speech_commands' keywords, or its keywords when the speakers are the classes)
+    disjoint_groups: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,8 +342,9 @@ class Config:
 
 
 CHOICES = {
-    "model.backbone": ("conv4", "mlp", "transformer"),
-    "data.class_split": ("primary", "domain_disjoint"),
+    "model.backbone": ("conv4", "mlp", "transformer", "audio"),
+    "model.context_net": ("gru", "none"),
+    "data.class_split": ("primary", "domain_disjoint", "speakers"),
     "model.pooling": ("mean", "attention", "first_last"),
     "model.norm": ("layer", "group", "batch", "batch_transductive", "none"),
     "learner.name": ("maml", "fomaml", "reptile", "protonet", "matchingnet"),
@@ -339,6 +374,7 @@ POSITIVE = [
     "generator.generative.lr", "generator.generative.sample_every",
     "tune.samples", "tune.workers", "tune.reduction_factor",
     "data.vocab_size", "data.max_tokens", "model.layers", "model.heads", "generator.smlmt.ssl_texts",
+    "data.sample_rate", "data.clip_seconds", "model.context", "objective.cpc_steps",
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
@@ -347,7 +383,8 @@ NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight
                 "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
                 "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise",
                 "generator.generative.refit_steps",
-                "objective.mlm", "objective.meta_weight", "objective.psco", "objective.psco_momentum", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences"]
+                "objective.mlm", "objective.meta_weight", "objective.psco", "objective.psco_momentum", "model.dropout", "generator.smlmt.skip_top", "generator.smlmt.min_sentences",
+                "objective.cpc"]
 
 
 def _get(cfg: Config, key: str):
@@ -406,6 +443,7 @@ AT_MOST = {
     "generator.generative.steps": 10**9, "generator.generative.refit_steps": 10**9,
     "data.vocab_size": 1_000_000, "data.max_tokens": 8192, "model.layers": 256, "model.heads": 1024,
     "generator.smlmt.ssl_texts": 100_000, "generator.smlmt.skip_top": 10**9, "generator.smlmt.min_sentences": 10**9,
+    "data.sample_rate": 384_000, "data.clip_seconds": 60.0, "model.context": 65_536, "objective.cpc_steps": 10_000,
 }
 MAX_SEED = 2**31 - 1
 MAX_BATCH_BYTES = 64 * 2**30  # first-layer activations of one meta-batch (float32)
@@ -422,6 +460,9 @@ def _check_sizes(cfg: Config) -> None:
     if m.backbone == "transformer":
         side = 1  # a text's activations: max_tokens x 4 * hidden (the MLP of a block)
         per_image = cfg.data.max_tokens * 4 * m.hidden * 4
+    elif m.backbone == "audio":  # a clip's first-layer activations: hidden x samples / first stride
+        side = 1
+        per_image = m.hidden * round(cfg.data.sample_rate * cfg.data.clip_seconds) // max(m.strides[0], 1) * 4
     else:
         per_image = m.hidden * side * side * 4 if m.backbone == "conv4" else 4 * max(m.mlp_hidden or (1,))
     for keys, images in (
@@ -533,7 +574,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"objective.psco_momentum={o.psco_momentum} must be in [0, 1)")
         if o.psco_shots > o.psco_queue:
             raise ConfigError(f"objective.psco_shots={o.psco_shots} cannot exceed objective.psco_queue={o.psco_queue}")
-        if is_text_config(cfg) or cfg.data.dataset == "sinusoid":
+        if is_text_config(cfg) or is_audio_config(cfg) or cfg.data.dataset == "sinusoid":
             raise ConfigError("objective.psco contrasts image views; use it with an image dataset")
     if cfg.generator.ssl_views and cfg.generator.kind == "labelled" and not cfg.generator.shards:
         raise ConfigError("generator.ssl_views=true needs generator.kind 'augment', 'cluster', 'generative', 'mix' "
@@ -547,11 +588,13 @@ def _validate(cfg: Config) -> None:
                           f"episodes.n_way={cfg.episodes.n_way}-way classifier head and is evaluated with the same "
                           f"n_way (learner.zero_head=true adapts a head of any width)")
     regression = cfg.data.dataset == "sinusoid"
-    wanted = "mlp" if regression else "transformer" if is_text_config(cfg) else "conv4"
+    wanted = "mlp" if regression else "transformer" if is_text_config(cfg) else "audio" if is_audio_config(cfg) \
+        else "conv4"
     if cfg.model.backbone != wanted:
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} needs model.backbone={wanted!r}, "
                           f"got {cfg.model.backbone!r}")
     _validate_text(cfg)
+    _validate_audio(cfg)
     if regression and cfg.learner.name not in ("maml", "fomaml", "reptile"):
         raise ConfigError(f"learner.name={cfg.learner.name!r} classifies; sinusoid regression needs "
                           "maml, fomaml or reptile")
@@ -559,11 +602,51 @@ def _validate(cfg: Config) -> None:
 
 MIXABLE = ("augment", "cluster", "generative")
 TEXT_DATASETS = ("clinc150", "text")
+AUDIO_DATASETS = ("arabic_speech_commands", "audio")
 
 
 def is_text_config(cfg: Config) -> bool:
     """True when the run's data are texts (clinc150, text:PATH)."""
     return cfg.data.dataset.partition(":")[0] in TEXT_DATASETS
+
+
+def is_audio_config(cfg: Config) -> bool:
+    """True when the run's data are audio clips (arabic_speech_commands, audio:PATH)."""
+    return cfg.data.dataset.partition(":")[0] in AUDIO_DATASETS
+
+
+def _validate_audio(cfg: Config) -> None:
+    audio, m, o, a = is_audio_config(cfg), cfg.model, cfg.objective, cfg.generator.audio
+    name = cfg.data.dataset.partition(":")[0]
+    if cfg.data.class_split == "speakers" and name != "arabic_speech_commands":
+        raise ConfigError("data.class_split='speakers' is arabic_speech_commands' speaker split; "
+                          f"data.dataset={cfg.data.dataset!r} has none")
+    if cfg.data.class_split == "domain_disjoint" and name != "clinc150":
+        raise ConfigError(f"data.class_split='domain_disjoint' is CLINC150's; data.dataset={cfg.data.dataset!r} "
+                          "has none")
+    if len(m.kernels) != len(m.strides) or not m.kernels or min(m.kernels) < 1 or min(m.strides) < 1:
+        raise ConfigError(f"model.kernels={list(m.kernels)} and model.strides={list(m.strides)} must be lists of "
+                          "positive integers of the same, non-zero length (one per convolution)")
+    if o.cpc and not audio:
+        raise ConfigError("objective.cpc predicts future audio frames; use it with an audio dataset "
+                          "(arabic_speech_commands, audio:PATH)")
+    if audio:
+        kinds = generator_kinds(cfg)
+        if any(k not in ("labelled", "augment", "cluster") for k in kinds) and not cfg.generator.shards:
+            raise ConfigError(f"generator.kind={cfg.generator.kind!r}: audio episodes come from 'labelled', "
+                              "'augment' (clips as classes, views as instances) or 'cluster' (or a mix of these)")
+        frames = round(cfg.data.sample_rate * cfg.data.clip_seconds)
+        for k, s in zip(m.kernels, m.strides):
+            frames = (frames - k) // s + 1 if frames >= k else 0
+        if frames < 1:
+            raise ConfigError(f"data.clip_seconds={cfg.data.clip_seconds} at data.sample_rate={cfg.data.sample_rate} "
+                              f"is too short for model.kernels={list(m.kernels)}, model.strides={list(m.strides)}")
+        if o.cpc and o.cpc_steps >= frames:
+            raise ConfigError(f"objective.cpc_steps={o.cpc_steps} must be fewer than the {frames} frames of a clip")
+    if not (0 < a.speed_min <= a.speed_max) or not 0 <= a.shift < 1 or a.gain_db < 0 or not 0 <= a.noise_prob <= 1 \
+            or not a.snr_db_min <= a.snr_db_max:
+        raise ConfigError(f"generator.audio={a}: need 0 < speed_min <= speed_max, 0 <= shift < 1, gain_db >= 0, "
+                          "noise_prob in [0, 1] and snr_db_min <= snr_db_max")
 
 
 def _validate_text(cfg: Config) -> None:

@@ -36,7 +36,8 @@ class EvalResult:
                     f"accuracy {100 * self.mean:.2f} +- {100 * self.ci95:.2f}%")
         else:
             head = f"{p.get('dataset')} {p.get('split')} {p.get('k_shot')}-shot: MSE {self.mean:.4f} +- {self.ci95:.4f}"
-        lines = [f"{head} ({self.episodes} episodes, seed {p.get('seed')}, norm {p.get('norm_mode')})"]
+        disjoint = f", support and queries from disjoint {p['disjoint_groups']}" if p.get("disjoint_groups") else ""
+        lines = [f"{head} ({self.episodes} episodes, seed {p.get('seed')}, norm {p.get('norm_mode')}{disjoint})"]
         for k, v in self.extra.items():
             lines.append(f"  {k}: {v:.4f} " if isinstance(v, float) else f"  {k}: {v}")
         return "\n".join(lines)
@@ -192,21 +193,23 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
                    split: str, episodes: int, seed: int, n_way: int | None = None,
                    k_shot: int | None = None, n_query: int | None = None, inner_steps: int | None = None,
                    dataset: str | None = None, root: str | None = None, baseline: bool = True,
-                   sampler=None) -> EvalResult:
+                   sampler=None, disjoint_groups: bool | None = None) -> EvalResult:
     """Evaluate a model on `episodes` fixed-seed episodes of `split` and return mean +- 95% CI.
 
     Classification: query accuracy. Sinusoid: query MSE after `inner_steps` (default
     10) and after 1 step, beside the pretrained-on-all-tasks baseline when `baseline`.
-    Pass `sampler` to reuse an episode source built with the same settings.
+    Pass `sampler` to reuse an episode source built with the same settings. `disjoint_groups`
+    (default `eval.disjoint_groups`) draws support and queries from disjoint groups (speakers).
     """
     from metassl.registry import build_backbone, build_sampler, is_regression
 
     default_way, default_shot, default_query = eval_shape(cfg)
     n_way, k_shot, n_query = n_way or default_way, k_shot or default_shot, n_query or default_query
     dataset = dataset or cfg.data.dataset
+    disjoint_groups = cfg.eval.disjoint_groups if disjoint_groups is None else disjoint_groups
     if sampler is None:
         sampler = build_sampler(cfg, split, n_way=n_way, k_shot=k_shot, n_query=n_query, seed=seed,
-                                dataset=dataset, root=root)
+                                dataset=dataset, root=root, disjoint_groups=disjoint_groups)
     if not is_regression(cfg):
         head = getattr(model, "head", None)
         if head is not None and head.out_features != n_way and not getattr(learner, "zero_head", False):
@@ -224,6 +227,8 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
         data = getattr(sampler, "split", None)  # the FewShotSplit of an EpisodeSampler: which classes
         if data is not None:
             protocol.update(classes=data.name, num_classes=data.num_classes)
+        if getattr(sampler, "disjoint_groups", False):  # support and queries from disjoint groups
+            protocol.update(disjoint_groups=data.group_kind)  # what the groups are, e.g. "speakers"
         return EvalResult("accuracy", mean, ci, episodes, protocol)
 
     steps = inner_steps if inner_steps is not None else 10

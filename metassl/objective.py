@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from metassl.meta.functional import MetaOutput, Params, forward, full_precision
+from metassl.ssl.cpc import cpc_loss
 from metassl.ssl.losses import nt_xent, rotation_loss
 from metassl.ssl.psco import PscoState, Reduce, mlp, psco_loss
 
@@ -27,11 +28,16 @@ class SSLHeads(nn.Module):
     classifier for images, or for texts (`vocab_size` set) a masked-token predictor over the
     vocabulary (`token_dim -> token_dim`, GELU, LayerNorm, `-> vocab_size`, as BERT's; `token_dim`
     is the width of a token's state, `dim` by default). `psco` = (hidden, out) adds PsCo's
-    projector (`dim -> hidden -> out`) and predictor (`out -> hidden -> out`)."""
+    projector (`dim -> hidden -> out`) and predictor (`out -> hidden -> out`). `cpc` = (steps,
+    context, frame) adds CPC's predictors `[steps, context, frame]` (audio; no rotation head)."""
 
     def __init__(self, dim: int, proj_dim: int = 64, vocab_size: int | None = None, token_dim: int | None = None,
-                 psco: tuple[int, int] | None = None):
+                 psco: tuple[int, int] | None = None, cpc: tuple[int, int, int] | None = None):
         super().__init__()
+        if cpc:
+            steps, context, frame = cpc
+            # scaled like a Linear layer's weight: scores start small, around 1 / sqrt(context)
+            self.cpc_predictors = nn.Parameter(torch.randn(steps, context, frame) / context)
         self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
         if psco:
             hidden, out = psco
@@ -40,7 +46,7 @@ class SSLHeads(nn.Module):
         if vocab_size:
             t = token_dim or dim
             self.mlm = nn.Sequential(nn.Linear(t, t), nn.GELU(), nn.LayerNorm(t), nn.Linear(t, vocab_size))
-        else:
+        elif not cpc:
             self.rotation = nn.Linear(dim, 4)
 
 
@@ -50,6 +56,14 @@ def features(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor)
     if body is None or getattr(model, "head", None) is None:
         return forward(model, params, buffers, x)
     return forward(body, _sub(params, "features."), _sub(buffers, "features."), x)
+
+
+def frames(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(z, c)`: an audio model's frames `[B, L, D]` and context states `[B, L, C]` for clips `x` `[B, 1, T]`."""
+    from torch.func import functional_call
+
+    return functional_call(model.features, (_sub(params, "features."), _sub(buffers, "features.")), (x,),
+                           {"frames": True})
 
 
 def token_states(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +83,7 @@ class SSLWeights:
     temperature: float = 0.5
     mlm: float = 1.0
     psco: float = 0.0
+    cpc: float = 0.0
 
 
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # rows -> (every worker's rows, own start)
@@ -92,6 +107,9 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
     `psco` (with `weights.psco`): PsCo's loss on the same two views, with its momentum network
     and queue (`metassl.ssl.psco`); `reduce` sums over workers (Sinkhorn's balancing). This
     step's momentum projections are left in `psco.pending` for `psco.after_step`.
+    For audio clips (float `[B, 1, T]`), `rot_x` holds the source clips unchanged and `rot_y`
+    zeros: there is no rotation to predict, and `weights.cpc` weighs CPC on `rot_x` (its
+    negatives from every worker's clips through `gather`).
     """
     x1, x2, rot_x, rot_y = views
     parts: dict[str, float] = {}
@@ -130,6 +148,14 @@ def ssl_loss(model: nn.Module, params: Params, buffers: Params, heads: SSLHeads,
             parts["mlm_loss"] = float(loss.detach())
             parts["mlm_acc"] = float((logits.argmax(-1) == rot_y[picked]).float().mean()) if count else 0.0
             total = total + weights.mlm * loss
+    elif rot_x.ndim == 3:  # audio: contrastive predictive coding on the clean clips
+        if weights.cpc:
+            z, c = frames(model, params, _scratch(buffers), rot_x)
+            z, c = full_precision(z), full_precision(c)
+            others, start = gather(z) if gather is not None else (z, 0)
+            loss, acc = cpc_loss(z, c, head_params["cpc_predictors"], others=others, start=start)
+            parts["cpc_loss"], parts["cpc_acc"] = float(loss.detach()), float(acc)
+            total = total + weights.cpc * loss
     elif weights.rotation:
         embedded = features(model, params, _scratch(buffers), rot_x)
         logits = forward(heads.rotation, _sub(head_params, "rotation."), {}, embedded)

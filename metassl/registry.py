@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metassl.config import CHOICES, Config, is_text_config
+from metassl.config import CHOICES, Config, is_audio_config, is_text_config
 from metassl.data import EpisodeSampler, SinusoidTasks, check_split_allowed, load_split
+from metassl.data.audio import is_audio, load_audio
 from metassl.data.text import TextCorpus, is_text, read_split, to_split, unlabelled_texts
 from metassl.data.tokenizer import MAX_TOKENIZER_BYTES, TextTokenizer
 from metassl.errors import ConfigError, DataError
@@ -56,7 +57,7 @@ def build_backbone(cfg: Config, learner) -> nn.Module:
     return build_model(m.backbone, out_features=out, in_channels=cfg.data.channels, hidden=m.hidden,
                        norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
                        support_statistics=has_inner_loop(cfg), channels_last=uses_channels_last(cfg),
-                       text=text_settings(cfg))
+                       text=text_settings(cfg), audio=audio_settings(cfg))
 
 
 def uses_channels_last(cfg: Config) -> bool:
@@ -73,6 +74,26 @@ def text_settings(cfg: Config) -> dict | None:
                 pooling=m.pooling)
 
 
+def audio_settings(cfg: Config) -> dict | None:
+    """The audio encoder's settings for an audio run (None otherwise)."""
+    if not is_audio_config(cfg):
+        return None
+    m = cfg.model
+    return dict(kernels=tuple(m.kernels), strides=tuple(m.strides), context=m.context, context_net=m.context_net)
+
+
+def audio_options(cfg: Config) -> dict:
+    """The `load_audio` options a config sets."""
+    d = cfg.data
+    return dict(sample_rate=d.sample_rate, clip_seconds=d.clip_seconds, class_split=d.class_split,
+                split_fractions=d.split_fractions, split_seed=d.split_seed)
+
+
+def augment_settings(cfg: Config):
+    """The views of the run's items: `generator.audio` for audio, `generator.augment` for images."""
+    return cfg.generator.audio if is_audio_config(cfg) else cfg.generator.augment
+
+
 def has_inner_loop(cfg: Config) -> bool:
     """True for learners that adapt by gradient steps (MAML, first-order MAML, Meta-SGD, Reptile):
     their BatchNorm uses support-set statistics in the inner loop and for queries (never running ones)."""
@@ -80,20 +101,27 @@ def has_inner_loop(cfg: Config) -> bool:
 
 
 def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: int, seed: int,
-                  dataset: str | None = None, root: str | None = None):
+                  dataset: str | None = None, root: str | None = None, disjoint_groups: bool = False):
     """Return an episode source with `.episode(i)` and `.batch(start, count)` for one split.
 
     `dataset`/`root` override the config's (for evaluating on another dataset). An image
     folder other than the one a run trained on is unseen: its classes (the `split`
     subfolder's, or all of a folder of classes) must not be the run's meta-train classes.
+    `disjoint_groups` draws each episode's support and queries from disjoint groups of the
+    split (audio: speakers; see EpisodeSampler).
     """
     dataset = dataset or cfg.data.dataset
     if dataset == "sinusoid":
         check_split_allowed(split)  # image splits are checked by load_split
         return SinusoidTasks(k_shot, n_query, seed=seed + _SINUSOID_SPLIT_OFFSET[split])
-    if is_text(dataset) != is_text_config(cfg):
-        kind = "text" if is_text_config(cfg) else "images"
+    if is_text(dataset) != is_text_config(cfg) or is_audio(dataset) != is_audio_config(cfg):
+        kind = "text" if is_text_config(cfg) else "audio" if is_audio_config(cfg) else "images"
         raise ConfigError(f"the run was trained on {kind} ({cfg.data.dataset}); it cannot be evaluated on {dataset!r}")
+    if is_audio(dataset):
+        check_split_allowed(split)
+        data = load_audio(dataset, split, root=root if root is not None else cfg.data.root,
+                          trained_on=_training_folder(cfg), **audio_options(cfg))
+        return EpisodeSampler(data, n_way, k_shot, n_query, seed=seed, disjoint_groups=disjoint_groups)
     if is_text(dataset):
         check_split_allowed(split)
         d = cfg.data
@@ -103,7 +131,7 @@ def build_sampler(cfg: Config, split: str, *, n_way: int, k_shot: int, n_query: 
         return EpisodeSampler(to_split(texts, text_tokenizer(cfg)), n_way, k_shot, n_query, seed=seed)
     data = load_split(dataset, split, root=root if root is not None else cfg.data.root,
                       trained_on=_training_folder(cfg), **_image_options(cfg))
-    return EpisodeSampler(data, n_way, k_shot, n_query, seed=seed)
+    return EpisodeSampler(data, n_way, k_shot, n_query, seed=seed, disjoint_groups=disjoint_groups)
 
 
 def load_unlabelled(cfg: Config):
@@ -115,6 +143,9 @@ def load_unlabelled(cfg: Config):
         texts = unlabelled_texts(d.dataset, root=d.root, class_split=d.class_split,
                                  split_fractions=d.split_fractions, split_seed=d.split_seed)
         return TextCorpus(texts, text_tokenizer(cfg).to_json(), d.max_tokens)
+    if is_audio_config(cfg):
+        check_split_allowed("train")
+        return load_audio(cfg.data.dataset, "train", root=cfg.data.root, **audio_options(cfg)).x
     return load_split(cfg.data.dataset, "train", root=cfg.data.root, **_image_options(cfg)).x
 
 
@@ -273,9 +304,9 @@ def _image_options(cfg: Config) -> dict:
 
 
 def _training_folder(cfg: Config) -> str | None:
-    """The folder a run meta-trains on when its dataset is an image folder, else None."""
+    """The folder a run meta-trains on when its dataset is an image or audio folder, else None."""
     name, _, path = cfg.data.dataset.partition(":")
-    return (path or cfg.data.root) if name == "imagefolder" else None
+    return (path or cfg.data.root) if name in ("imagefolder", "audio") else None
 
 
 def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int] | None = None,
@@ -292,6 +323,7 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
 
     g, ep = cfg.generator, cfg.episodes
     seed = cfg.seed
+    augment = augment_settings(cfg)
     if g.kind == "smlmt":
         from metassl.generate.smlmt import SMLMTEpisodes
         return SMLMTEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.smlmt, seed=seed, ssl_views=g.ssl_views)
@@ -299,7 +331,7 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
         return MixedEpisodes({kind: build_generator(mix_member(cfg, kind), images, encoder, generative)
                               for kind in g.mix}, g.mix)
     if g.kind == "augment":
-        return AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment, seed=seed,
+        return AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, augment, seed=seed,
                                ssl_views=g.ssl_views)
     if g.kind == "generative":
         gen = g.generative
@@ -312,12 +344,12 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
         def make_cluster(embed, version):
             return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
                                    partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
-                                   augment=g.augment if g.cluster_views else None, ssl_views=g.ssl_views,
-                                   ssl_augment=g.augment, encoder_version=version)
+                                   augment=augment if g.cluster_views else None, ssl_views=g.ssl_views,
+                                   ssl_augment=augment, encoder_version=version)
 
         embed, version = (model_embedder(cfg, encoder[0]), encoder[1]) if encoder else (None, 0)
         if g.warmup_steps:  # augment episodes until the trainer publishes the network
-            warm = WarmStartEpisodes(AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, g.augment,
+            warm = WarmStartEpisodes(AugmentEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, augment,
                                                      seed=seed, ssl_views=g.ssl_views), make_cluster)
             if encoder:
                 warm.set_encoder(embed, version)
@@ -356,7 +388,8 @@ def model_embedder(cfg: Config, state: dict):
     m = cfg.model
     model = build_model(m.backbone, out_features=None, in_channels=cfg.data.channels, hidden=m.hidden,
                         norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
-                        support_statistics=has_inner_loop(cfg), channels_last=uses_channels_last(cfg)).eval()
+                        support_statistics=has_inner_loop(cfg), channels_last=uses_channels_last(cfg),
+                        audio=audio_settings(cfg)).eval()
     names = dict(model.named_parameters()) | dict(model.named_buffers())
     weights = {k: v for k, v in state.items() if k in names}
     missing = sorted(set(names) - set(weights))

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metassl.config import Config, ConfigError, is_text_config, load
+from metassl.config import Config, ConfigError, is_audio_config, is_text_config, load
 from metassl.errors import MetasslError
 from metassl.generative.fit import needs_generative, write_pictures
 
@@ -307,9 +307,23 @@ def _check_image_episode(episode) -> None:
     x = episode.support_x
     if getattr(episode, "batched", False):
         raise ReportError(f"episode_grid draws one episode, got a batch of {x.shape[0]}; pass one task")
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or episode.support_y.dtype != torch.int64:
-        raise ReportError(f"only image classification episodes are drawn ([N, 1 or 3, H, W] with class "
-                          f"labels); this one has support_x {list(x.shape)}, support_y {episode.support_y.dtype}")
+    image = x.ndim == 4 and x.shape[1] in (1, 3)
+    audio = x.ndim == 3 and x.shape[1] == 1 and x.is_floating_point()
+    if not (image or audio) or episode.support_y.dtype != torch.int64:
+        raise ReportError(f"only image and audio classification episodes are drawn ([N, 1 or 3, H, W] or "
+                          f"[N, 1, T] with class labels); this one has support_x {list(x.shape)}, support_y "
+                          f"{episode.support_y.dtype}")
+
+
+def spectrogram(clip: torch.Tensor) -> torch.Tensor:
+    """A clip `[1, T]`'s log-magnitude spectrogram `[frequencies, frames]` in dB (256-sample Hann windows,
+    hop 64; 0 dB is the clip's loudest bin, floored at -80 dB), for pictures."""
+    wave = clip.detach().float().cpu().reshape(-1)
+    n_fft = min(256, len(wave))
+    power = torch.stft(wave, n_fft, hop_length=max(n_fft // 4, 1), window=torch.hann_window(n_fft),
+                       return_complex=True).abs().pow(2)
+    db = 10 * torch.log10(power.clamp_min(1e-12))
+    return (db - db.max()).clamp_min(-80.0)
 
 
 def _draw_episode(fig, episode, title: str, max_classes: int, max_queries: int, max_shots: int) -> None:
@@ -329,11 +343,12 @@ def _draw_episode(fig, episode, title: str, max_classes: int, max_queries: int, 
             ax.set_axis_off()
             if image is None:
                 continue
-            image = image.detach().float().cpu().clamp(0, 1)
-            if image.shape[0] == 1:
-                ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            if image.ndim == 2:  # an audio clip [1, T]: its spectrogram, low frequencies at the bottom
+                ax.imshow(spectrogram(image).numpy(), origin="lower", aspect="auto", cmap="magma", vmin=-80, vmax=0)
+            elif image.shape[0] == 1:
+                ax.imshow(image[0].detach().float().cpu().clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             else:
-                ax.imshow(image.permute(1, 2, 0).numpy())
+                ax.imshow(image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy())
             if c == 0:
                 ax.text(-0.15, 0.5, str(j), transform=ax.transAxes, ha="right", va="center", fontsize=8)
             if j == 0 and c in (0, shots + 1):
@@ -409,6 +424,9 @@ def _config_rows(run: Run) -> list[tuple[str, str]]:
     if text:
         dataset += (f" ({d.class_split} class split)" if d.dataset.startswith("clinc150") else "")
         dataset += f", at most {d.max_tokens} tokens, vocabulary of {d.vocab_size}"
+    elif is_audio_config(c):
+        dataset += (f", {d.sample_rate} Hz, {d.clip_seconds:g} s clips"
+                    + (f", {d.class_split} class split" if d.class_split != "primary" else ""))
     elif d.dataset != "sinusoid":
         dataset += f", {d.image_size}x{d.image_size}, {'RGB' if d.channels == 3 else 'grey'}"
     kinds = g.mix if g.kind == "mix" else {g.kind: 1}
@@ -422,6 +440,7 @@ def _config_rows(run: Run) -> list[tuple[str, str]]:
             ("learner", c.learner.name), ("generator", generator),
             ("ssl_weight", f"{c.objective.ssl_weight}" + (
                 (f" (simcse {c.objective.simclr}, mlm {c.objective.mlm})" if text else
+                 f" (simclr {c.objective.simclr}, cpc {c.objective.cpc})" if is_audio_config(c) else
                  f" (simclr {c.objective.simclr}, rotation {c.objective.rotation})") if c.objective.ssl_weight else "")),
             ("steps run", f"{steps} of {c.train.steps}"), ("minutes", minutes)]
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from metassl import checkpoint, distributed
-from metassl.config import Config, dump, from_dict, is_text_config, to_dict
+from metassl.config import Config, dump, from_dict, is_audio_config, is_text_config, to_dict
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder, with_generative
@@ -79,7 +79,8 @@ def check_data(cfg: Config) -> None:
     not run here (only the pool's size is checked).
     """
     n_way, k_shot, n_query = eval_shape(cfg)
-    build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
+    build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed,
+                  disjoint_groups=cfg.eval.disjoint_groups)
     g, ep = cfg.generator, cfg.episodes
     if g.shards:
         from metassl.generate.shards import read_manifest
@@ -309,10 +310,11 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     o = cfg.objective
     uses_psco = use_ssl and o.psco > 0
     heads = SSLHeads(getattr(model, "embedding_dim", 1), o.proj_dim, text and text["vocab_size"],
-                     getattr(model, "token_dim", None), (o.psco_hidden, o.psco_dim) if uses_psco else None)
+                     getattr(model, "token_dim", None), (o.psco_hidden, o.psco_dim) if uses_psco else None,
+                     (o.cpc_steps, model.embedding_dim, model.frame_dim) if is_audio_config(cfg) else None)
     head_params = ({k: v.detach().clone().to(device).requires_grad_() for k, v in heads.named_parameters()}
                    if use_ssl else {})
-    ssl_weights = SSLWeights(o.simclr, o.rotation, o.temperature, o.mlm, o.psco)
+    ssl_weights = SSLWeights(o.simclr, o.rotation, o.temperature, o.mlm, o.psco, o.cpc)
     # PsCo's momentum network (EMA of the backbone and projector) and queue: state beside the weights
     psco = (PscoState(params, buffers, psco_projector(head_params), size=o.psco_queue, dim=o.psco_dim,
                       momentum=o.psco_momentum, seed=cfg.seed, shots=o.psco_shots, temperature=o.psco_temperature,
@@ -355,8 +357,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     # leaving anything behind. Validation uses the evaluation episode shape.
     # Only rank 0 validates, so only rank 0 reads the validation split.
     n_way, k_shot, n_query = eval_shape(cfg)
-    val_tasks = (build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed)
-                 if lead else None)
+    val_tasks = (build_sampler(cfg, "val", n_way=n_way, k_shot=k_shot, n_query=n_query, seed=cfg.eval.seed,
+                               disjoint_groups=cfg.eval.disjoint_groups) if lead else None)
     # With `generator.encoder: model` the cluster generator embeds with the network being
     # meta-trained: version 1 is the initial network, a refresh after step s publishes s + 1.
     # With `warmup_steps` W the first publish is after step W (augment episodes until then).
@@ -605,7 +607,8 @@ def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> d
     state = checkpoint.load(checkpoint.best_path(run_dir))
     n_way, k_shot, n_query = eval_shape(cfg)
     sampler = (build_sampler(cfg, cfg.eval.split, n_way=n_way, k_shot=k_shot, n_query=n_query,
-                             seed=cfg.eval.seed) if not is_regression(cfg) else None)
+                             seed=cfg.eval.seed, disjoint_groups=cfg.eval.disjoint_groups)
+               if not is_regression(cfg) else None)
 
     def evaluate(params, buffers) -> EvalResult:
         return evaluate_model(cfg, learner, model, params, buffers, split=cfg.eval.split,

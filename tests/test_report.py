@@ -200,9 +200,22 @@ def test_episode_grid_caps_classes_and_draws_grey_and_colour_images(tmp_path):
     assert many.shape == eight.shape  # at most 8 rows and 3 queries drawn
     assert small.shape[0] < many.shape[0] and colour.shape[1] > small.shape[1]  # 2 shots: a wider row
     signal = Episode(torch.rand(5, 1), torch.rand(5, 1), torch.rand(10, 1), torch.rand(10, 1))
-    with pytest.raises(ReportError, match="only image classification"):
+    with pytest.raises(ReportError, match="only image and audio classification"):
         episode_grid(signal, tmp_path / "signal.png")
     assert not (tmp_path / "signal.png").exists()
+
+
+def test_audio_episodes_are_drawn_as_spectrograms(tmp_path):
+    from metassl.report import spectrogram
+
+    t = torch.arange(8000) / 8000
+    tone = (0.5 * torch.sin(2 * torch.pi * 1000 * t)).view(1, -1)
+    db = spectrogram(tone)
+    assert db.shape[0] == 129 and abs(int(db.mean(1).argmax()) - 32) <= 1  # 1 kHz: bin 1000 / (8000 / 256)
+    clips = torch.stack([tone, 0.1 * torch.randn(1, 8000)])
+    episode = Episode(clips, torch.arange(2), clips.repeat_interleave(2, dim=0), torch.arange(2).repeat_interleave(2))
+    picture = png(episode_grid(episode, tmp_path / "audio.png", title="2-way audio"))
+    assert picture.shape[0] > 50 and picture.std() > 0
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ from metassl.data.paths import data_home
 from metassl.errors import DataError
 
 AUDIO_DATASETS = ("arabic_speech_commands", "audio")
-CLASS_SPLITS = ("keywords", "speakers")
+CLASS_SPLITS = ("primary", "speakers")  # primary: the keywords are the classes
 SPLITS = ("train", "val", "test")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 SILENCE_PEAK = 1e-4  # a clip whose largest |sample| is below this (-80 dBFS) is silent
@@ -132,7 +132,7 @@ def read_audio_classes(class_folders: Sequence[Path], name: str, sample_rate: in
 
 
 def load_audio(spec: str, split: str, *, root: str | Path | None = None, sample_rate: int = ASC_SAMPLE_RATE,
-               clip_seconds: float = 1.0, class_split: str = "keywords",
+               clip_seconds: float = 1.0, class_split: str = "primary",
                split_fractions: Sequence[float] = DEFAULT_FRACTIONS, split_seed: int = 0,
                trained_on: str | Path | None = None) -> FewShotSplit:
     """Split `split` ("train", "val", "test") of the audio dataset `spec` (see the module doc).
@@ -152,7 +152,7 @@ def load_audio(spec: str, split: str, *, root: str | Path | None = None, sample_
         raise DataError(f"{spec!r} is not an audio dataset; valid: arabic_speech_commands[:PATH], audio:PATH")
     if not (path or root):
         raise DataError("dataset 'audio' needs a folder: use 'audio:PATH'")
-    if class_split != "keywords":
+    if class_split != "primary":
         raise DataError(f"data.class_split={class_split!r}: a folder of audio has its classes from its folders; "
                         "leave data.class_split unset")
     source = Path(path or root).expanduser()
@@ -222,7 +222,7 @@ def asc_split(folder: Path, split: str, class_split: str, sample_rate: int, clip
     keyword_of = a["keyword"].astype(np.int64)
     speaker_of = a["speaker"].astype(np.int64)
     in_split = np.isin(keyword_of, [keyword_names.index(k) for k in keywords[split]])
-    if class_split == "keywords":
+    if class_split == "primary":
         classes, labels_of = keywords[split], keyword_of
         groups_of, group_names = speaker_of, speaker_names
     else:
@@ -233,7 +233,7 @@ def asc_split(folder: Path, split: str, class_split: str, sample_rate: int, clip
         classes = tuple(n for i, n in enumerate(speaker_names) if a["speaker_subset"][i] == wanted)
         in_split &= np.isin(speaker_of, [speaker_names.index(s) for s in classes])
         labels_of, groups_of, group_names = speaker_of, keyword_of, keyword_names
-    all_names = keyword_names if class_split == "keywords" else speaker_names
+    all_names = keyword_names if class_split == "primary" else speaker_names
     index = {all_names.index(c): i for i, c in enumerate(classes)}
     rows = np.flatnonzero(in_split)
     samples = clip_samples(sample_rate, clip_seconds)
@@ -244,5 +244,6 @@ def asc_split(folder: Path, split: str, class_split: str, sample_rate: int, clip
     ]).astype(np.float32)
     labels = torch.tensor([index[int(labels_of[r])] for r in rows], dtype=torch.int64)
     return FewShotSplit(torch.from_numpy(waves).unsqueeze(1), labels, classes,
-                        f"arabic_speech_commands/{class_split}/{split}",
-                        groups=groups_of[rows].astype(np.int64), group_names=group_names)
+                        f"arabic_speech_commands/{'keywords' if class_split == 'primary' else 'speakers'}/{split}",
+                        groups=groups_of[rows].astype(np.int64), group_names=group_names,
+                        group_kind="speakers" if class_split == "primary" else "keywords")

@@ -79,7 +79,10 @@ class FewShotSplit:
     "omniglot/supervised/train"; error messages quote it. `query_only` (a bool per row, or
     None) splits each class into a support pool (False) and a query pool (True): CLINC150's
     held-out protocol draws shots from an intent's `train` utterances and queries from its
-    `test` ones; None lets any row be either.
+    `test` ones; None lets any row be either. `groups` (an int per row, or None) says who or
+    what else each row comes from, e.g. the speaker of a spoken keyword, named by `group_names`
+    (`group_kind` says what they are, e.g. "speakers"); an `EpisodeSampler` with
+    `disjoint_groups` draws an episode's support and queries from disjoint halves of the groups.
     """
 
     x: torch.Tensor = field(repr=False)
@@ -89,6 +92,7 @@ class FewShotSplit:
     query_only: np.ndarray | None = field(default=None, repr=False)
     groups: np.ndarray | None = field(default=None, repr=False)
     group_names: tuple[str, ...] = field(default=(), repr=False)
+    group_kind: str = field(default="groups", repr=False)
     # Row indices of each class, filled in by __post_init__: class_indices[c] is a 1-d int64
     # numpy array of the rows of x whose label is c, in ascending order.
     class_indices: tuple[np.ndarray, ...] = field(init=False, repr=False)

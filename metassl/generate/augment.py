@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metassl.config import AugmentConfig
+from metassl.config import AudioAugmentConfig, AugmentConfig
 from metassl.data.episodes import Episode, check_int
 from metassl.errors import DataError
 from metassl.generate.record import EpisodeRecord, RecordSource, make_record
@@ -40,11 +40,15 @@ def episode_seed(seed: int, index: int) -> int:
 
 
 def check_pool(images: object) -> torch.Tensor:
-    """Returns `images` if it is a float32 tensor [M, C, H, W] with M >= 2, else raises DataError."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.dtype != torch.float32:
+    """Returns `images` if it is a float32 tensor [M, C, H, W] (images) or [M, 1, T] (audio clips) with
+    M >= 2, else raises DataError."""
+    ok = isinstance(images, torch.Tensor) and images.dtype == torch.float32 and (
+        images.ndim == 4 or (images.ndim == 3 and images.shape[1] == 1))
+    if not ok:
         got = f"{images.dtype} with shape {list(images.shape)}" if isinstance(images, torch.Tensor) \
             else type(images).__name__
-        raise DataError(f"the unlabelled pool must be a float32 tensor [M, C, H, W], got {got}")
+        raise DataError(f"the unlabelled pool must be a float32 tensor [M, C, H, W] (images) or [M, 1, T] "
+                        f"(audio), got {got}")
     if len(images) < 2:
         raise DataError(f"the unlabelled pool needs at least 2 images, got {len(images)}")
     return images
@@ -53,13 +57,14 @@ def check_pool(images: object) -> torch.Tensor:
 class AugmentEpisodes(RecordSource):
     """UMTRA generator over an unlabelled pool: `record(i)`, `episode(i)`, `batch(start, count)`.
 
-    `images` [M, C, H, W] float32 in [0, 1]; each episode has `n_way` classes with
-    `k_shot` support and `n_query` query views each, drawn with `augment`. With
+    `images` [M, C, H, W] float32 in [0, 1] (or audio clips [M, 1, T] with an AudioAugmentConfig:
+    UMTRA for audio); each episode has `n_way` classes with `k_shot` support and `n_query` query
+    views each, drawn with `augment`. With
     `ssl_views`, records also carry SimCLR views and rotated copies of the N source images.
     """
 
     def __init__(self, images: torch.Tensor, n_way: int, k_shot: int, n_query: int,
-                 augment: AugmentConfig, seed: int = 0, ssl_views: bool = False):
+                 augment: AugmentConfig | AudioAugmentConfig, seed: int = 0, ssl_views: bool = False):
         self.images = check_pool(images)
         self.n_way = check_int("n_way", n_way, 2)
         self.k_shot = check_int("k_shot", k_shot, 1)

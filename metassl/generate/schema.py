@@ -2,8 +2,9 @@
 
 Schema version 1 (schema metadata ``{"metassl.schema_version": "1"}``). For an episode with
 N = n_way, K = k_shot, Q = n_query, items of shape S and M SSL source items. Items are images
-(float32, S = [C, H, W]) or texts (int64, S = [2, L]: token ids and attention mask); the
-table below shows images, and a text table has int64 x columns of the same layout:
+(float32, S = [C, H, W]), texts (int64, S = [2, L]: token ids and attention mask) or audio
+clips (float32, S = [1, T]); the table below shows images, a text table has int64 x columns of
+the same layout and an audio table float32 ones:
 
 =================  ===========================================  ====================================
 column             Arrow type                                   meaning
@@ -25,6 +26,7 @@ rot_x (optional)   fixed_shape_tensor(float32, [M, C, H, W])    rotated images, 
 rot_y (optional)   fixed_shape_tensor(int64, [M])               quarter turns 0..3, null if absent
 =================  ===========================================  ====================================
 
+For audio `rot_x` holds the source clips unchanged (what CPC reads) and `rot_y` zeros.
 For texts the pretext columns hold masked-language modelling instead of rotations: `rot_x`
 the masked items `[M, 2, L]`, `rot_y` int64 `[M, L]` the original ids at masked positions and
 -100 elsewhere (metassl.ssl.masking).
@@ -90,10 +92,11 @@ def record_schema(record: EpisodeRecord, ssl_m: int | None) -> pa.Schema:
     """Returns the schema `record` is stored under, with `ssl_m` SSL images (None: no SSL columns)."""
     support_x = record.episode.support_x
     text = support_x.dtype == torch.int64
-    if record.episode.batched or support_x.ndim != (3 if text else 4):
+    audio = support_x.dtype == torch.float32 and support_x.ndim == 3 and support_x.shape[1] == 1
+    if record.episode.batched or support_x.ndim != (3 if text or audio else 4):
         raise DataError(
             f"episode {record.episode_id}: support_x must be an unbatched [N*K, C, H, W] float32 tensor "
-            f"(images) or [N*K, 2, L] int64 (texts), got {support_x.dtype} with shape "
+            f"(images), [N*K, 2, L] int64 (texts) or [N*K, 1, T] float32 (audio), got {support_x.dtype} with shape "
             f"{list(support_x.shape)} (batched={record.episode.batched})"
         )
     if len(record.episode.support_y) == 0:

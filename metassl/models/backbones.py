@@ -209,12 +209,21 @@ def build_model(
     support_statistics: bool = False,
     channels_last: bool = False,
     text: dict | None = None,
+    audio: dict | None = None,
 ) -> nn.Module:
-    """Return a fresh backbone by name (`conv4`, `mlp` or `transformer`); see Conv4 for `support_statistics`
-    and `channels_last` (Conv-4 only).
+    """Return a fresh backbone by name (`conv4`, `mlp`, `transformer` or `audio`); see Conv4 for
+    `support_statistics` and `channels_last` (Conv-4 only).
 
-    `text` holds the Transformer's settings: vocab_size, max_tokens, layers, heads, dropout.
+    `text` holds the Transformer's settings: vocab_size, max_tokens, layers, heads, dropout;
+    `audio` the audio encoder's: kernels, strides, context, context_net (metassl.models.audio).
     """
+    if backbone == "audio":
+        from metassl.models.audio import AudioNet
+
+        if not audio:
+            raise ConfigError("model.backbone='audio' reads waveforms: use an audio dataset "
+                              "(arabic_speech_commands, audio:PATH)")
+        return AudioNet(out_features, hidden=hidden, norm=norm, support_statistics=support_statistics, **audio)
     if backbone == "transformer":
         from metassl.models.transformer import TextTransformer
 
@@ -225,4 +234,4 @@ def build_model(
         return Conv4(in_channels, hidden, norm, out_features, image_size, support_statistics, channels_last)
     if backbone == "mlp":
         return MLP(1, tuple(mlp_hidden), out_features or 1)
-    raise ConfigError(f"model.backbone={backbone!r} is not one of ['conv4', 'mlp', 'transformer']")
+    raise ConfigError(f"model.backbone={backbone!r} is not one of ['conv4', 'mlp', 'transformer', 'audio']")

@@ -14,15 +14,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-from metassl.config import AugmentConfig
+from metassl.config import AudioAugmentConfig, AugmentConfig
 from metassl.errors import ConfigError, DataError
+from metassl.ssl.audio_views import audio_ssl_views, check_audio_augment, random_audio_views
 
 # Aspect ratios (height / width) of erased rectangles are drawn log-uniformly from this range.
 ERASE_RATIO = (1.0 / 3.0, 3.0)
 
 
-def check_augment(cfg: AugmentConfig) -> AugmentConfig:
-    """Returns `cfg` unchanged, or raises ConfigError naming the first out-of-range field."""
+def check_augment(cfg: AugmentConfig | AudioAugmentConfig) -> AugmentConfig | AudioAugmentConfig:
+    """Returns `cfg` unchanged, or raises ConfigError naming the first out-of-range field.
+
+    An AudioAugmentConfig is for audio clips: `random_views` and `ssl_views` then make audio views
+    (metassl.ssl.audio_views), so every generator works on images and audio alike.
+    """
+    if isinstance(cfg, AudioAugmentConfig):
+        return check_audio_augment(cfg)
     if not isinstance(cfg, AugmentConfig):
         raise ConfigError(f"augmentations must be given as an AugmentConfig, got {type(cfg).__name__}")
     for key in ("rotation_deg", "translate", "shear_deg", "elastic_alpha", "elastic_sigma", "noise_std"):
@@ -138,8 +145,10 @@ def erase_masks(batch: int, height: int, width: int, prob: float, max_frac: floa
     return inside & (u[:, 0] < prob)[:, None, None]
 
 
-def random_views(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def random_views(x: torch.Tensor, cfg: AugmentConfig | AudioAugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Returns a random view [B, C, H, W] of each image of `x` [B, C, H, W] (values in [0, 1]).
+
+    (With an AudioAugmentConfig: a view `[B, 1, T]` of each clip; see audio_views.random_audio_views.)
 
     Per image: an affine warp (rotation U[-rotation_deg, rotation_deg], shift U[-translate,
     translate] of the size per axis, zoom U[scale_min, scale_max], shear U[-shear_deg,
@@ -148,6 +157,8 @@ def random_views(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
     probability `erase_prob`, one rectangle of at most `erase_max_frac` of the area set
     to 0. With all ranges 0 (scale 1) the view equals the input up to float rounding.
     """
+    if isinstance(cfg, AudioAugmentConfig):
+        return random_audio_views(x, cfg, generator)
     _check_images(x)
     check_augment(cfg)
     batch, channels, height, width = x.shape
@@ -192,14 +203,18 @@ def rotate_quarters(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def ssl_views(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
+def ssl_views(x: torch.Tensor, cfg: AugmentConfig | AudioAugmentConfig, generator: torch.Generator
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (x1, x2, rot_x, rot_y) for images `x` [M, C, H, W].
+
+    (With an AudioAugmentConfig, for clips `[M, 1, T]`: see audio_views.audio_ssl_views.)
 
     x1, x2 [M, C, H, W]: two independent `random_views` (a SimCLR positive pair);
     rot_y int64 [M]: random quarter turns 0..3; rot_x [M, C, H, W]: `x` turned by rot_y
     (rotation prediction). Drawn in that order from `generator`.
     """
+    if isinstance(cfg, AudioAugmentConfig):
+        return audio_ssl_views(x, cfg, generator)
     x1 = random_views(x, cfg, generator)
     x2 = random_views(x, cfg, generator)
     rot_y = torch.randint(0, 4, (x.shape[0],), generator=generator, device=generator.device)
