@@ -167,3 +167,21 @@ def test_one_checkpoint_evaluates_keywords_with_any_or_disjoint_speakers_and_spe
     assert speakers.protocol["num_classes"] == 6 and speakers.protocol["disjoint_groups"] == "keywords"
     with pytest.raises(ConfigError, match="class_split"):
         evaluate(tmp_path / "run", class_split="bogus")
+
+
+def test_the_self_improving_loop_clusters_audio_with_the_network_being_trained(speech_folder, tmp_path):
+    from metassl.generate.source import TrainingSource, cpu_weights
+    from metassl.registry import build_backbone, build_learner
+
+    cfg = speech_cfg(speech_folder, "generator.kind=cluster", "generator.encoder=model", "generator.clusters=8",
+                     "generator.partitions=2", "generator.warmup_steps=2", "generator.refresh_every=2",
+                     "generator.cluster_views=true", steps=6)
+    source = TrainingSource(cfg)
+    assert {r.generator for r in source.batch(0).records} == {"augment"}  # warm-up
+    model = build_backbone(cfg, build_learner(cfg))
+    source.refresh_encoder(cpu_weights({**dict(model.named_parameters()), **dict(model.named_buffers())}), 3)
+    batch = source.batch(2)
+    assert {r.generator for r in batch.records} == {"cluster"} and batch.encoder_versions() == [3, 3]
+    assert batch.episodes.support_x.shape == (2, 3, 1, 2000)
+    result = run_local(cfg, tmp_path / "run", log=_quiet)
+    assert result["steps"] == 6 and 0 <= result["test"]["mean"] <= 1
