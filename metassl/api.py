@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 import yaml
 
-from metassl.config import CHOICES, Config, apply_overrides, dump, from_dict, is_text_config, to_dict, with_values
+from metassl.config import (CHOICES, Config, apply_overrides, dump, from_dict, is_audio_config, is_text_config, to_dict,
+                            with_values)
 from metassl.config import load as load_config
 from metassl.data.episodes import Episode
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
@@ -135,6 +136,8 @@ class Learner:
         self.params, self.buffers, self.step = params, buffers, step
         self.regression = is_regression(cfg)
         self.text = is_text_config(cfg)
+        self.audio = is_audio_config(cfg)
+        self.sample_rate = cfg.data.sample_rate if self.audio else None  # what the model was trained at
         self._tokenizer = None
         if self.text:
             from metassl.registry import text_tokenizer
@@ -143,18 +146,24 @@ class Learner:
         any_way = head is None or getattr(learner, "zero_head", False)  # metric learners, MAML's zeroing trick
         self.n_way = None if any_way else head.out_features  # None: any n_way
         self.input_shape = ((1,) if self.regression else (2, cfg.data.max_tokens) if self.text else
+                            (1, round(cfg.data.sample_rate * cfg.data.clip_seconds)) if self.audio else
                             (cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
 
     def __repr__(self) -> str:
         return (f"Learner({self.config.learner.name}, {self.config.model.backbone}, step {self.step}, "
                 f"input {list(self.input_shape)}, n_way {self.n_way or 'any'})")
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, *, inner_steps: int | None = None) -> Predictor:
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, *, inner_steps: int | None = None,
+              sample_rate: int | None = None) -> Predictor:
         """The Predictor for the task whose support set this is.
 
         support_x: `[S, *input_shape]` float; support_y: `[S]` int labels 0..n_way-1, each present
         (regression: `[S, 1]` float targets). A text model takes a list of S strings, encoded with
-        the run's vocabulary (or int64 items `[S, 2, max_tokens]` already encoded with it). The
+        the run's vocabulary (or int64 items `[S, 2, max_tokens]` already encoded with it). An
+        audio model takes a list of S 1-D waveforms of any length (or `[S, 1, T]`) recorded at
+        `sample_rate` Hz (default: the model's, `data.sample_rate`): clips at a higher rate are
+        resampled, at a lower one refused, and each is cut or padded by the crop rule of
+        metassl.data.audio; the predictor takes its queries at the same rate. The
         predictor runs the learner's own evaluation code (`learner.predict`, as `metassl eval`)
         on this support set and the queries it is given: MAML and Reptile take `inner_steps`
         SGD steps on the support set (default: the
@@ -162,7 +171,11 @@ class Learner:
         Matching Nets compare the queries with its embeddings.
         """
         device = next(iter(self.params.values())).device
-        x = self._inputs(support_x, "support_x").to(device)
+        if sample_rate is not None and not self.audio:
+            raise ConfigError("sample_rate is for audio models; this one reads "
+                              f"{'texts' if self.text else 'images' if not self.regression else 'numbers'}")
+        rate = sample_rate or self.sample_rate
+        x = self._inputs(support_x, "support_x", rate).to(device)
         y = self._targets(support_y, len(x)).to(device)
         if inner_steps is None:
             inner_steps = self.config.eval.inner_steps
@@ -177,11 +190,13 @@ class Learner:
             return self.learner.predict(self.model, self.params, self.buffers, episode, inner_steps)
 
         return Predictor(run, 1 if self.regression else int(y.max()) + 1,
-                         lambda query_x: self._inputs(query_x, "query_x"), device)
+                         lambda query_x: self._inputs(query_x, "query_x", rate), device)
 
-    def _inputs(self, x, name: str) -> torch.Tensor:
+    def _inputs(self, x, name: str, rate: int | None = None) -> torch.Tensor:
         if self.text:
             return self._texts(x, name)
+        if self.audio:
+            return self._clips(x, name, rate)
         x = torch.as_tensor(x)
         if not x.is_floating_point():
             raise DataError(f"{name} must be a float tensor (images in [0, 1]), got {x.dtype}")
@@ -191,6 +206,33 @@ class Learner:
         if len(x) == 0:
             raise DataError(f"{name} is empty: give at least one example")
         return x.float()
+
+    def _clips(self, x, name: str, rate: int) -> torch.Tensor:
+        """`[n, 1, T]` waveforms at the model's rate from clips at `rate` Hz (a list of 1-D, or `[n, 1, L]`)."""
+        import numpy as np
+
+        from metassl.data.audio import fit_length, resample
+
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+            raise DataError(f"sample_rate={rate!r} must be a positive integer (Hz)")
+        if rate < self.sample_rate:
+            raise DataError(f"{name} is at {rate} Hz, below the model's data.sample_rate={self.sample_rate}: "
+                            "upsampling cannot restore what it lacks; record at a higher rate")
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == 1:
+            x = list(x[:, 0])
+        clips = list(x) if isinstance(x, (list, tuple)) else None
+        if not clips:
+            raise DataError(f"{name} must be a non-empty list of 1-D waveforms (or a tensor [n, 1, T]) for this "
+                            "audio model")
+        out = []
+        for i, clip in enumerate(clips):
+            wave = np.asarray(clip.detach().cpu() if isinstance(clip, torch.Tensor) else clip)
+            if wave.ndim != 1 or wave.size == 0 or not np.issubdtype(wave.dtype, np.floating) \
+                    or not np.isfinite(wave).all():
+                raise DataError(f"{name}[{i}] must be a non-empty 1-D float waveform with finite samples, got "
+                                f"{wave.dtype} {list(wave.shape)}")
+            out.append(fit_length(resample(wave.astype(np.float32), rate, self.sample_rate), self.input_shape[1]))
+        return torch.from_numpy(np.stack(out).astype(np.float32)).unsqueeze(1)
 
     def _texts(self, x, name: str) -> torch.Tensor:
         """`[n, 2, max_tokens]` int64 items of a list of strings (or of items already encoded)."""

@@ -185,3 +185,33 @@ def test_the_self_improving_loop_clusters_audio_with_the_network_being_trained(s
     assert batch.episodes.support_x.shape == (2, 3, 1, 2000)
     result = run_local(cfg, tmp_path / "run", log=_quiet)
     assert result["steps"] == 6 and 0 <= result["test"]["mean"] <= 1
+
+
+def test_the_python_api_adapts_a_speech_learner_on_waveforms_at_their_own_rate(speech_folder, tmp_path):
+    from metassl.api import load
+    from metassl.errors import DataError
+
+    run_local(speech_cfg(speech_folder, steps=1), tmp_path / "run", log=_quiet)
+    learner = load(tmp_path / "run")
+    assert learner.input_shape == (1, 2000) and learner.sample_rate == 8000
+    t16 = np.arange(4000) / 16000
+    low, high = np.sin(2 * np.pi * 400 * t16), np.sin(2 * np.pi * 1500 * t16)
+    predictor = learner.adapt([low, high], [0, 1], sample_rate=16000)  # resampled to the model's 8 kHz
+    assert predictor([high, low]).shape == (2, 2)  # queries at the rate the support set was given at
+    clips8k = torch.from_numpy(np.stack([low[::2], high[::2]]).astype(np.float32)).unsqueeze(1)
+    assert learner.adapt(clips8k, [0, 1])(clips8k).argmax(1).tolist() == [0, 1]
+    with pytest.raises(DataError, match="below the model's data.sample_rate=8000"):
+        learner.adapt([low, high], [0, 1], sample_rate=4000)
+    with pytest.raises(DataError, match=r"support_x\[1\] must be a non-empty 1-D float waveform"):
+        learner.adapt([low, np.zeros((2, 3))], [0, 1])
+
+
+@pytest.mark.parametrize("learner", [["learner.name=maml", "learner.head_only=true"], ["learner.name=fomaml"],
+                                     ["learner.name=matchingnet"]])
+def test_every_kind_of_learner_meta_trains_the_audio_network(speech_folder, tmp_path, learner):
+    cfg = speech_cfg(speech_folder, *learner, "model.norm=batch", "episodes.n_way=2", "learner.inner_steps=1",
+                     "learner.eval_inner_steps=1", steps=2)
+    result = run_local(cfg, tmp_path / "run", log=_quiet)
+    assert result["steps"] == 2 and 0 <= result["test"]["mean"] <= 1
+    if cfg.learner.name != "matchingnet":  # support-set statistics under an inner loop
+        assert result["test"]["protocol"]["norm_mode"] == "non-transductive (support-set statistics)"
