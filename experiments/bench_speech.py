@@ -61,15 +61,20 @@ QUERIES, EPISODES, SEED = 15, 1000, 0
 
 
 def shared_speech() -> str:
-    for base in (os.environ.get("METASSL_SHARED_DATA"), REPO.parent / "shared" / "data"):
-        if base and (Path(base) / "arabic_speech_commands" / "asc_8k.npz").is_file():
-            return str(Path(base) / "arabic_speech_commands")
+    """The folder of Arabic Speech Commands: $METASSL_SHARED_DATA/arabic_speech_commands, else beside the repository."""
+    candidates = [os.environ.get("METASSL_SHARED_DATA"), REPO.parent / "shared" / "data"]
+    found = [Path(c) / "arabic_speech_commands" for c in candidates if c]
+    for folder in found:
+        if (folder / "asc_8k.npz").is_file():
+            return str(folder)
     sys.exit("Arabic Speech Commands not found: set METASSL_SHARED_DATA to the folder holding arabic_speech_commands/")
 
 
 def ci(values) -> str:
-    values = np.asarray(values, dtype=np.float64)
-    return f"{100 * values.mean():.2f} ± {100 * 1.96 * values.std(ddof=1) / np.sqrt(len(values)):.2f}"
+    from metassl.evaluation import mean_ci95
+
+    mean, half = mean_ci95(values)
+    return f"{100 * mean:.2f} ± {100 * half:.2f}"
 
 
 def hand_made(waves: np.ndarray, kind: str) -> np.ndarray:
@@ -94,6 +99,7 @@ def hand_made(waves: np.ndarray, kind: str) -> np.ndarray:
 def features(root: str) -> dict[str, list[str]]:
     from metassl.data.audio import load_audio
     from metassl.data.episodes import EpisodeSampler
+    from metassl.evaluation import cosine_prototype_accuracies
 
     train = load_audio("arabic_speech_commands", "train", root=root)
     test = load_audio("arabic_speech_commands", "test", root=root)
@@ -104,20 +110,11 @@ def features(root: str) -> dict[str, list[str]]:
         ref = hand_made(train.x[:, 0].numpy(), kind)
         mean, std = ref.mean(0), ref.std(0) + 1e-8
         feats = (hand_made(test.x[:, 0].numpy(), kind) - mean) / std
-        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         for disjoint, protocol in PROTOCOLS:
-            cells = []
-            for n_way, k_shot in SHAPES:
-                sampler = EpisodeSampler(test, n_way, k_shot, QUERIES, seed=SEED, disjoint_groups=disjoint)
-                accs = []
-                for i in range(EPISODES):
-                    _, support, query = sampler.episode_indices(i)
-                    protos = feats[support].reshape(n_way, k_shot, -1).mean(1)
-                    protos /= np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
-                    guess = (feats[query] @ protos.T).argmax(1)
-                    accs.append(float((guess == np.repeat(np.arange(n_way), QUERIES)).mean()))
-                cells.append(ci(accs))
-            out[f"{label} ({protocol})"] = cells
+            out[f"{label} ({protocol})"] = [
+                ci(cosine_prototype_accuracies(feats, EpisodeSampler(test, n_way, k_shot, QUERIES, seed=SEED,
+                                                                     disjoint_groups=disjoint), EPISODES))
+                for n_way, k_shot in SHAPES]
     return out
 
 

@@ -75,28 +75,18 @@ def tfidf(class_split: str, folder: str) -> list[str]:
 
     from metassl.data.episodes import EpisodeSampler, FewShotSplit
     from metassl.data.text import read_split
+    from metassl.evaluation import cosine_prototype_accuracies
 
     spec = f"clinc150:{folder}"
     train = read_split(spec, "train", class_split=class_split)
     test = read_split(spec, "test", class_split=class_split)
     vectorizer = TfidfVectorizer(lowercase=True).fit(train.texts)
     features = vectorizer.transform(test.texts).toarray().astype(np.float32)
-    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     rows = torch.zeros(len(test.texts), 2, 1, dtype=torch.int64)  # the sampler reads labels and pools only
     split = FewShotSplit(rows, torch.from_numpy(test.labels.astype(np.int64)), test.class_names, test.name,
                          test.query_only)
-    cells = []
-    for n_way, k_shot in SHAPES:
-        sampler = EpisodeSampler(split, n_way, k_shot, QUERIES, seed=SEED)
-        accs = []
-        for i in range(EPISODES):
-            _, support, query = sampler.episode_indices(i)
-            protos = features[support].reshape(n_way, k_shot, -1).mean(1)
-            protos /= np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
-            guess = (features[query] @ protos.T).argmax(1)
-            accs.append(float((guess == np.repeat(np.arange(n_way), QUERIES)).mean()))
-        cells.append(ci(accs))
-    return cells
+    return [ci(cosine_prototype_accuracies(features, EpisodeSampler(split, n_way, k_shot, QUERIES, seed=SEED),
+                                           EPISODES)) for n_way, k_shot in SHAPES]
 
 
 def learned(run: str, untrained: bool) -> list[tuple[str, list[str]]]:

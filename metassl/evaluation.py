@@ -71,6 +71,22 @@ def mean_ci95(values) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
 
 
+def cosine_prototype_accuracies(features: np.ndarray, sampler, episodes: int) -> np.ndarray:
+    """Query accuracy of episodes `0..episodes-1` of `sampler` (an EpisodeSampler over the rows of
+    `features` [N, F]) when each query goes to the nearest class prototype (the mean of its support
+    rows' features) by cosine similarity: the no-learning baseline of hand-made features."""
+    feats = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    n_way, k_shot, n_query = sampler.n_way, sampler.k_shot, sampler.n_query
+    truth = np.repeat(np.arange(n_way), n_query)
+    accs = np.empty(episodes)
+    for i in range(episodes):
+        _, support, query = sampler.episode_indices(i)
+        protos = feats[support].reshape(n_way, k_shot, -1).mean(1)
+        protos /= np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+        accs[i] = ((feats[query] @ protos.T).argmax(1) == truth).mean()
+    return accs
+
+
 def episode_accuracies(learner, model: nn.Module, params: Params, buffers: Params, sampler,
                        episodes: int, inner_steps: int | None = None) -> np.ndarray:
     """Return the query accuracy of each of episodes `0..episodes-1` of `sampler`."""
