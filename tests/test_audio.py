@@ -176,3 +176,14 @@ def test_arabic_speech_commands_is_checked(tmp_path, speech_root):
         load_audio("arabic_speech_commands", "train", root=tmp_path)
     with pytest.raises(DataError, match="stored at 8000 Hz"):
         load_audio("arabic_speech_commands", "train", root=speech_root, sample_rate=16000)
+
+
+def test_a_long_file_gives_its_centre_and_an_absurd_rate_is_refused(tmp_path):
+    t = np.arange(16000 * 30) / 16000
+    chirp = (0.5 * np.sin(2 * np.pi * (100 * t + 20 * t * t))).astype(np.float32)  # 100 Hz rising 40 Hz/s
+    clip = read_clip(write(tmp_path / "long.wav", chirp, 16000), 8000, 8000)
+    whole = resample(chirp, 16000, 8000)
+    assert np.abs(clip - whole[len(whole) // 2 - 4000:len(whole) // 2 + 4000]).max() < 1e-4  # the whole file's centre
+    assert abs(peak_hz(clip, 8000) - (100 + 40 * 15)) < 25  # 700 Hz at the 15th second
+    with pytest.raises(DataError, match="claims a sample rate of 1000000 Hz"):
+        read_clip(write(tmp_path / "fast.wav", sine(300, 8000), 1_000_000), 8000, 8000)
