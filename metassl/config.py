@@ -81,6 +81,12 @@ class ModelConfig:
     strides: tuple[int, ...] = (5, 4, 2, 2)
     context: int = 128
     context_net: str = "gru"  # gru | none (the embedding is then the mean of the frames)
+    # audio: waveform (convolutions over samples) | logmel (over a log-mel spectrogram: torch.stft with
+    # n_fft-sample Hann windows every `hop` samples, librosa's mel_bands filterbank; kernels count frames)
+    frontend: str = "waveform"
+    n_fft: int = 256
+    hop: int = 80
+    mel_bands: int = 40
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,7 @@ class Config:
 CHOICES = {
     "model.backbone": ("conv4", "mlp", "transformer", "audio"),
     "model.context_net": ("gru", "none"),
+    "model.frontend": ("waveform", "logmel"),
     "data.class_split": ("primary", "domain_disjoint", "speakers"),
     "model.pooling": ("mean", "attention", "first_last"),
     "model.norm": ("layer", "group", "batch", "batch_transductive", "none"),
@@ -374,7 +381,8 @@ POSITIVE = [
     "generator.generative.lr", "generator.generative.sample_every",
     "tune.samples", "tune.workers", "tune.reduction_factor",
     "data.vocab_size", "data.max_tokens", "model.layers", "model.heads", "generator.smlmt.ssl_texts",
-    "data.sample_rate", "data.clip_seconds", "model.context", "objective.cpc_steps",
+    "data.sample_rate", "data.clip_seconds", "model.context", "objective.cpc_steps", "model.n_fft", "model.hop",
+    "model.mel_bands",
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
@@ -444,6 +452,7 @@ AT_MOST = {
     "data.vocab_size": 1_000_000, "data.max_tokens": 8192, "model.layers": 256, "model.heads": 1024,
     "generator.smlmt.ssl_texts": 100_000, "generator.smlmt.skip_top": 10**9, "generator.smlmt.min_sentences": 10**9,
     "data.sample_rate": 384_000, "data.clip_seconds": 60.0, "model.context": 65_536, "objective.cpc_steps": 10_000,
+    "model.n_fft": 65_536, "model.hop": 65_536, "model.mel_bands": 1024,
 }
 MAX_SEED = 2**31 - 1
 MAX_BATCH_BYTES = 64 * 2**30  # first-layer activations of one meta-batch (float32)
@@ -460,9 +469,10 @@ def _check_sizes(cfg: Config) -> None:
     if m.backbone == "transformer":
         side = 1  # a text's activations: max_tokens x 4 * hidden (the MLP of a block)
         per_image = cfg.data.max_tokens * 4 * m.hidden * 4
-    elif m.backbone == "audio":  # a clip's first-layer activations: hidden x samples / first stride
+    elif m.backbone == "audio":  # a clip's first-layer activations: hidden x (samples or frames) / first stride
         side = 1
-        per_image = m.hidden * round(cfg.data.sample_rate * cfg.data.clip_seconds) // max(m.strides[0], 1) * 4
+        steps = round(cfg.data.sample_rate * cfg.data.clip_seconds) // (m.hop if m.frontend == "logmel" else 1)
+        per_image = m.hidden * steps // max(m.strides[0], 1) * 4
     else:
         per_image = m.hidden * side * side * 4 if m.backbone == "conv4" else 4 * max(m.mlp_hidden or (1,))
     for keys, images in (
@@ -636,6 +646,10 @@ def _validate_audio(cfg: Config) -> None:
             raise ConfigError(f"generator.kind={cfg.generator.kind!r}: audio episodes come from 'labelled', "
                               "'augment' (clips as classes, views as instances) or 'cluster' (or a mix of these)")
         frames = round(cfg.data.sample_rate * cfg.data.clip_seconds)
+        if m.frontend == "logmel":
+            if m.n_fft > frames:
+                raise ConfigError(f"model.n_fft={m.n_fft} is longer than a clip ({frames} samples)")
+            frames = frames // m.hop + 1  # torch.stft's centred frames
         for k, s in zip(m.kernels, m.strides):
             frames = (frames - k) // s + 1 if frames >= k else 0
         if frames < 1:

@@ -215,3 +215,23 @@ def test_every_kind_of_learner_meta_trains_the_audio_network(speech_folder, tmp_
     assert result["steps"] == 2 and 0 <= result["test"]["mean"] <= 1
     if cfg.learner.name != "matchingnet":  # support-set statistics under an inner loop
         assert result["test"]["protocol"]["norm_mode"] == "non-transductive (support-set statistics)"
+
+
+def test_the_log_mel_frontend_is_librosas_spectrogram_and_trains_with_cpc(speech_folder, tmp_path):
+    librosa = pytest.importorskip("librosa")
+    from metassl.models.audio import AudioEncoder
+
+    encoder = AudioEncoder(hidden=8, context=8, frontend="logmel", kernels=(3,), strides=(1,))
+    x = torch.randn(2, 1, 8000, generator=torch.Generator().manual_seed(0)) * 0.1
+    ref = np.log(librosa.feature.melspectrogram(y=x[0, 0].numpy(), sr=8000, n_fft=256, hop_length=80, n_mels=40,
+                                                pad_mode="reflect") + 1e-6)
+    assert np.abs(encoder.log_mel(x)[0].numpy() - ref).max() < 1e-4
+    t = torch.arange(8000) / 8000
+    tone = (0.5 * torch.sin(2 * torch.pi * 1000 * t)).view(1, 1, -1)
+    centres = librosa.mel_frequencies(n_mels=42, fmax=4000)[1:-1]
+    assert abs(centres[int(encoder.log_mel(tone)[0].mean(-1).argmax())] - 1000) < 60
+    cfg = speech_cfg(speech_folder, "model.frontend=logmel", "model.kernels=[3, 3]", "model.strides=[1, 2]", steps=2)
+    result = run_local(cfg, tmp_path / "run", log=_quiet)
+    assert result["steps"] == 2 and 0 <= result["test"]["mean"] <= 1
+    with pytest.raises(ConfigError, match="n_fft=4096 is longer than a clip"):
+        speech_cfg(speech_folder, "model.frontend=logmel", "model.n_fft=4096")

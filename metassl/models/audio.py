@@ -8,6 +8,12 @@ normalisation `norm` (metassl.models.backbones' rules: "batch" keeps running sta
 under a learner with an inner loop becomes SupportBatchNorm, statistics of the support set over
 every frame) and a ReLU.
 
+`frontend: logmel` puts a log-mel spectrogram in front instead of learning from samples: the
+power of `torch.stft` (Hann windows of `n_fft` samples, hop `hop`) through librosa's mel
+filterbank (`mel_bands` triangles, a buffer of the model, so it is computed on the training
+device with the rest), `log(mel + 1e-6)`; the convolutions then run over its frames (their
+kernels and strides count frames; `(3, 3, 3)` and `(1, 2, 2)` make a frame every 40 ms).
+
 Input `[batch, 1, T]` float32 waveforms. `features` (an AudioEncoder): `forward(x)` gives the
 clip's embedding `[batch, context]`, the mean of the GRU's states over the frames (or of the
 frames themselves without a context network); `forward(x, frames=True)` gives
@@ -26,6 +32,17 @@ from metassl.errors import ConfigError
 from metassl.models.backbones import SupportBatchNorm, _norm_layer
 
 CONTEXT_NETS = ("gru", "none")
+FRONTENDS = ("waveform", "logmel")
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, bands: int) -> torch.Tensor:
+    """librosa's mel filterbank `[bands, n_fft // 2 + 1]` (Slaney scale and normalisation, its defaults)."""
+    try:
+        from librosa.filters import mel
+    except ImportError:
+        raise ConfigError("model.frontend='logmel' takes its mel filterbank from librosa: pip install librosa "
+                          "(or metassl[speech])") from None
+    return torch.from_numpy(mel(sr=sample_rate, n_fft=n_fft, n_mels=bands)).float()
 
 
 class AudioEncoder(nn.Module):
@@ -33,8 +50,14 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, hidden: int = 128, context: int = 128, norm: str = "batch", support_statistics: bool = False,
                  kernels: Sequence[int] = (10, 8, 4, 4), strides: Sequence[int] = (5, 4, 2, 2),
-                 context_net: str = "gru"):
+                 context_net: str = "gru", frontend: str = "waveform", sample_rate: int = 8000, n_fft: int = 256,
+                 hop: int = 80, mel_bands: int = 40):
         super().__init__()
+        if frontend not in FRONTENDS:
+            raise ConfigError(f"model.frontend={frontend!r} is not one of {list(FRONTENDS)}")
+        self.frontend, self.n_fft, self.hop = frontend, n_fft, hop
+        if frontend == "logmel":
+            self.register_buffer("mel", mel_filterbank(sample_rate, n_fft, mel_bands))
         if len(kernels) != len(strides) or not kernels:
             raise ConfigError(f"model.kernels={list(kernels)} and model.strides={list(strides)} must be lists of "
                               "the same, non-zero length (one per convolution)")
@@ -43,7 +66,7 @@ class AudioEncoder(nn.Module):
         if context_net not in CONTEXT_NETS:
             raise ConfigError(f"model.context_net={context_net!r} is not one of {list(CONTEXT_NETS)}")
         layers: list[nn.Module] = []
-        channels = 1
+        channels = mel_bands if frontend == "logmel" else 1
         for k, s in zip(kernels, strides):
             layers += [nn.Conv1d(channels, hidden, kernel_size=k, stride=s),
                        _norm_layer(norm, hidden, support_statistics, dims=1), nn.ReLU()]
@@ -56,6 +79,8 @@ class AudioEncoder(nn.Module):
 
     def num_frames(self, samples: int) -> int:
         """The frames of a clip of `samples` samples (0 when it is too short for the convolutions)."""
+        if self.frontend == "logmel":  # torch.stft's centred frames
+            samples = samples // self.hop + 1 if samples > self.n_fft // 2 else 0
         for k, s in zip(self.kernels, self.strides):
             samples = (samples - k) // s + 1 if samples >= k else 0
         return samples
@@ -66,7 +91,7 @@ class AudioEncoder(nn.Module):
         if self.num_frames(x.shape[-1]) < 1:
             raise ConfigError(f"clips of {x.shape[-1]} samples are too short for the audio encoder's "
                               f"convolutions (kernels {list(self.kernels)}, strides {list(self.strides)})")
-        h = x
+        h = self.log_mel(x) if self.frontend == "logmel" else x
         for layer in self.convs:
             h = layer(h, reference) if isinstance(layer, SupportBatchNorm) else layer(h)
         z = h.transpose(1, 2)  # [batch, frames, hidden]
@@ -74,6 +99,13 @@ class AudioEncoder(nn.Module):
         if frames:
             return z, c
         return c.mean(1)
+
+    def log_mel(self, x: torch.Tensor) -> torch.Tensor:
+        """`[batch, mel_bands, frames]` log-mel spectrogram of waveforms `[batch, 1, T]` (module doc)."""
+        window = torch.hann_window(self.n_fft, device=x.device, dtype=x.dtype)
+        spec = torch.stft(x[:, 0], self.n_fft, hop_length=self.hop, window=window, return_complex=True)
+        power = spec.real.square() + spec.imag.square()  # [batch, n_fft // 2 + 1, frames]
+        return torch.log(torch.matmul(self.mel, power) + 1e-6)
 
 
 class AudioNet(nn.Module):

@@ -215,7 +215,8 @@ def build_model(
     `support_statistics` and `channels_last` (Conv-4 only).
 
     `text` holds the Transformer's settings: vocab_size, max_tokens, layers, heads, dropout;
-    `audio` the audio encoder's: kernels, strides, context, context_net (metassl.models.audio).
+    `audio` the audio encoder's: kernels, strides, context, context_net, frontend and its settings
+    (metassl.models.audio).
     """
     if backbone == "audio":
         from metassl.models.audio import AudioNet
