@@ -36,7 +36,7 @@ class SSLHeads(nn.Module):
         super().__init__()
         if cpc:
             steps, context, frame = cpc
-            # scaled like a Linear layer's weight: scores start small, around 1 / sqrt(context)
+            # std 1 / context: the first predictions are small, so the first scores are near 0 (chance)
             self.cpc_predictors = nn.Parameter(torch.randn(steps, context, frame) / context)
         self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
         if psco:
