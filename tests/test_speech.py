@@ -235,3 +235,18 @@ def test_the_log_mel_frontend_is_librosas_spectrogram_and_trains_with_cpc(speech
     assert result["steps"] == 2 and 0 <= result["test"]["mean"] <= 1
     with pytest.raises(ConfigError, match="n_fft=4096 is longer than a clip"):
         speech_cfg(speech_folder, "model.frontend=logmel", "model.n_fft=4096")
+
+
+def test_a_run_trains_on_written_audio_shards_that_fit_it_and_refuses_others(speech_folder, tmp_path):
+    from metassl.generate.shards import ShardWriter
+    from metassl.registry import build_generator, load_unlabelled
+
+    cfg = speech_cfg(speech_folder)
+    source = build_generator(cfg, load_unlabelled(cfg))
+    with ShardWriter(str(tmp_path / "shards"), episodes_per_shard=4) as writer:
+        writer.write([source.record(i) for i in range(8)])
+    shards = f"generator.shards={tmp_path / 'shards'}"
+    result = run_local(speech_cfg(speech_folder, shards), tmp_path / "run", log=_quiet)
+    assert result["steps"] == 3
+    with pytest.raises(ConfigError, match=r"float32 \[1, 2000\] items, but the config asks for .* \[1, 4000\]"):
+        run_local(speech_cfg(speech_folder, shards, "data.clip_seconds=0.5"), tmp_path / "other", log=_quiet)

@@ -257,12 +257,12 @@ class TrainingSource:
 
 def _check_shards_fit(cfg: Config, shards) -> None:
     """Raise ConfigError when episodes written by `metassl generate` do not fit this run's config."""
-    from metassl.config import is_text_config
+    from metassl.config import is_audio_config, is_text_config
 
     first = shards.record(0)
-    ep = cfg.episodes
-    item = (2, cfg.data.max_tokens) if is_text_config(cfg) else (cfg.data.channels, cfg.data.image_size,
-                                                                 cfg.data.image_size)
+    ep, d = cfg.episodes, cfg.data
+    item = ((2, d.max_tokens) if is_text_config(cfg) else (1, round(d.sample_rate * d.clip_seconds))
+            if is_audio_config(cfg) else (d.channels, d.image_size, d.image_size))
     want = (ep.n_way, ep.k_shot, ep.n_query, str(torch.int64 if is_text_config(cfg) else torch.float32), *item)
     x = first.episode.support_x
     got = (first.n_way, first.k_shot, first.n_query, str(x.dtype), *x.shape[1:])
