@@ -211,7 +211,7 @@ class Learner:
         """`[n, 1, T]` waveforms at the model's rate from clips at `rate` Hz (a list of 1-D, or `[n, 1, L]`)."""
         import numpy as np
 
-        from metassl.data.audio import fit_length, resample
+        from metassl.data.audio import check_wave, fit_length, resample
 
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
             raise DataError(f"sample_rate={rate!r} must be a positive integer (Hz)")
@@ -227,12 +227,12 @@ class Learner:
         out = []
         for i, clip in enumerate(clips):
             wave = np.asarray(clip.detach().cpu() if isinstance(clip, torch.Tensor) else clip)
-            if wave.ndim != 1 or wave.size == 0 or not np.issubdtype(wave.dtype, np.floating) \
-                    or not np.isfinite(wave).all():
-                raise DataError(f"{name}[{i}] must be a non-empty 1-D float waveform with finite samples, got "
-                                f"{wave.dtype} {list(wave.shape)}")
-            out.append(fit_length(resample(wave.astype(np.float32), rate, self.sample_rate), self.input_shape[1]))
-        return torch.from_numpy(np.stack(out).astype(np.float32)).unsqueeze(1)
+            if wave.ndim != 1 or wave.size == 0 or not np.issubdtype(wave.dtype, np.floating):
+                raise DataError(f"{name}[{i}] must be a non-empty 1-D float waveform, got {wave.dtype} "
+                                f"{list(wave.shape)}")
+            wave = check_wave(wave.astype(np.float32), f"{name}[{i}]")
+            out.append(fit_length(resample(wave, rate, self.sample_rate), self.input_shape[1]))
+        return torch.from_numpy(np.clip(np.stack(out), -1.0, 1.0).astype(np.float32)).unsqueeze(1)
 
     def _texts(self, x, name: str) -> torch.Tensor:
         """`[n, 2, max_tokens]` int64 items of a list of strings (or of items already encoded)."""

@@ -62,6 +62,7 @@ def test_read_clip_makes_mono_resamples_and_fits_the_length(tmp_path):
     ("garbage", "cannot read the audio file"),
     ("low_rate", "below data.sample_rate=8000"),
     ("nan", "NaN or infinite"),
+    ("huge", "more than 4 times full scale"),
 ])
 def test_bad_audio_files_give_one_line_errors(tmp_path, case, message):
     path = tmp_path / f"{case}.wav"
@@ -73,6 +74,8 @@ def test_bad_audio_files_give_one_line_errors(tmp_path, case, message):
         path.write_bytes(b"RIFF not really a wave file" * 10)
     elif case == "low_rate":
         write(path, sine(300, 4000), 4000)
+    elif case == "huge":
+        write(path, sine(300, 8000) * 1e30, 8000, subtype="FLOAT")
     else:
         wave = sine(300, 8000)
         wave[100] = np.nan
@@ -187,3 +190,8 @@ def test_a_long_file_gives_its_centre_and_an_absurd_rate_is_refused(tmp_path):
     assert abs(peak_hz(clip, 8000) - (100 + 40 * 15)) < 25  # 700 Hz at the 15th second
     with pytest.raises(DataError, match="claims a sample rate of 1000000 Hz"):
         read_clip(write(tmp_path / "fast.wav", sine(300, 8000), 1_000_000), 8000, 8000)
+
+
+def test_a_float_file_slightly_over_full_scale_is_clipped(tmp_path):
+    clip = read_clip(write(tmp_path / "hot.wav", sine(300, 8000, amp=1.5), 8000, subtype="FLOAT"), 8000, 8000)
+    assert float(clip.max()) == 1.0 and float(clip.min()) == -1.0

@@ -204,6 +204,10 @@ def test_the_python_api_adapts_a_speech_learner_on_waveforms_at_their_own_rate(s
         learner.adapt([low, high], [0, 1], sample_rate=4000)
     with pytest.raises(DataError, match=r"support_x\[1\] must be a non-empty 1-D float waveform"):
         learner.adapt([low, np.zeros((2, 3))], [0, 1])
+    with pytest.raises(DataError, match=r"support_x\[0\] holds NaN"):
+        learner.adapt([np.full(100, np.nan), high], [0, 1])
+    with pytest.raises(DataError, match=r"query_x\[0\] is silent"):
+        predictor([np.zeros(4000)])
 
 
 @pytest.mark.parametrize("learner", [["learner.name=maml", "learner.head_only=true"], ["learner.name=fomaml"],

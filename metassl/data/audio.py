@@ -24,8 +24,10 @@ multi-channel files are averaged to mono; a file recorded at a higher rate than 
 is resampled with `scipy.signal.resample_poly` (a polyphase filter); one at a lower rate is
 refused (upsampling cannot restore the missing band). The crop rule: a longer clip keeps its
 centre T samples; a shorter one is zero-padded equally at both ends (one more sample at the
-end when the padding is odd). Empty, unreadable and silent files (peak below SILENCE_PEAK) are
-refused with an error naming the file.
+end when the padding is odd). Samples are clipped to [-1, 1] (floating-point files may exceed
+full scale). Empty, unreadable, non-finite, silent (peak below SILENCE_PEAK) and wildly
+over-range files (peak above MAX_PEAK, 12 dB over full scale) are refused with an error naming
+the file.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ SPLITS = ("train", "val", "test")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 SILENCE_PEAK = 1e-4  # a clip whose largest |sample| is below this (-80 dBFS) is silent
 MAX_RATE = 384_000  # a file claiming a higher sample rate is refused (its header is more likely wrong)
+MAX_PEAK = 4.0  # float files may exceed full scale a little (then clipped to [-1, 1]); more than 12 dB is refused
 ASC_FILE = "asc_8k.npz"
 ASC_SHA256 = "0653bd80447da5e42f6d2c1ef19b050a5edf51d3a6dce46f695a014e9e0ff382"
 ASC_SAMPLE_RATE = 8000
@@ -121,12 +124,21 @@ def read_clip(file: Path, sample_rate: int, samples: int) -> np.ndarray:
         raise DataError(f"cannot read the audio file {file} ({err}); expected WAV, FLAC or OGG") from None
     if wave.shape[0] == 0:
         raise DataError(f"the audio file {file} is empty (no samples)")
-    wave = wave.mean(axis=1)
+    wave = check_wave(wave.mean(axis=1), f"the audio file {file}")
+    return np.clip(fit_length(resample(wave, rate, sample_rate), samples), -1.0, 1.0).astype(np.float32)
+
+
+def check_wave(wave: np.ndarray, what: str) -> np.ndarray:
+    """`wave` (1-D float) unchanged, or DataError naming `what` when it is not finite, silent or far over range."""
     if not np.isfinite(wave).all():
-        raise DataError(f"the audio file {file} holds NaN or infinite samples")
-    if float(np.abs(wave).max()) < SILENCE_PEAK:
-        raise DataError(f"the audio file {file} is silent (peak below {SILENCE_PEAK:g}); remove it")
-    return fit_length(resample(wave, rate, sample_rate), samples).astype(np.float32)
+        raise DataError(f"{what} holds NaN or infinite samples")
+    peak = float(np.abs(wave).max())
+    if peak < SILENCE_PEAK:
+        raise DataError(f"{what} is silent (peak below {SILENCE_PEAK:g}); remove it")
+    if peak > MAX_PEAK:
+        raise DataError(f"{what} has samples of {peak:.3g}, more than {MAX_PEAK:g} times full scale; it is not "
+                        "audio in [-1, 1] (rescale it)")
+    return wave
 
 
 def read_audio_classes(class_folders: Sequence[Path], name: str, sample_rate: int, clip_seconds: float) -> FewShotSplit:
