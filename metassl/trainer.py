@@ -153,7 +153,7 @@ def training_precision(cfg: Config, device: torch.device) -> str:
     chosen = cfg.train.precision
     if chosen != "auto":
         return chosen
-    metric_images = not (has_inner_loop(cfg) or is_text_config(cfg) or is_regression(cfg))
+    metric_images = not (has_inner_loop(cfg) or is_text_config(cfg) or is_audio_config(cfg) or is_regression(cfg))
     return "bf16" if metric_images and has_bf16_units(device) else "fp32"
 
 

@@ -254,3 +254,10 @@ def test_a_run_trains_on_written_audio_shards_that_fit_it_and_refuses_others(spe
     assert result["steps"] == 3
     with pytest.raises(ConfigError, match=r"float32 \[1, 2000\] items, but the config asks for .* \[1, 4000\]"):
         run_local(speech_cfg(speech_folder, shards, "data.clip_seconds=0.5"), tmp_path / "other", log=_quiet)
+
+
+def test_auto_precision_leaves_speech_runs_in_fp32(speech_folder, monkeypatch):
+    import metassl.trainer as tr
+
+    monkeypatch.setattr(tr, "has_bf16_units", lambda device: True)
+    assert tr.training_precision(speech_cfg(speech_folder, "train.precision=auto"), torch.device("cpu")) == "fp32"
