@@ -199,17 +199,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_ASC_LOADED: dict[tuple, dict[str, np.ndarray]] = {}  # this process's checked file, by path, size and mtime
+
+
 def asc_arrays(folder: Path) -> dict[str, np.ndarray]:
-    """The arrays of `folder`/asc_8k.npz, after its SHA-256 is checked (no pickle is loaded)."""
+    """The arrays of `folder`/asc_8k.npz, after its SHA-256 is checked (no pickle is loaded).
+
+    Checked and read once per process while the file keeps its size and modification time, so the
+    splits and episode shapes of one run or benchmark do not hash and decode it again each.
+    """
     file = folder / ASC_FILE
     if not file.is_file():
         raise DataError(f"{file} does not exist: put {ASC_HELP} in {folder}, or set data.root (or use "
                         "'arabic_speech_commands:PATH') to the folder that holds it")
-    if _sha256(file) != ASC_SHA256:
-        raise DataError(f"{file} is not the expected asc_8k.npz (its SHA-256 differs from {ASC_SHA256[:16]}...); "
-                        "it may be damaged or another version")
-    with np.load(file, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _ASC_LOADED:
+        if _sha256(file) != ASC_SHA256:
+            raise DataError(f"{file} is not the expected asc_8k.npz (its SHA-256 differs from "
+                            f"{ASC_SHA256[:16]}...); it may be damaged or another version")
+        with np.load(file, allow_pickle=False) as npz:
+            _ASC_LOADED.clear()  # one copy of the dataset at a time
+            _ASC_LOADED[key] = {k: npz[k] for k in npz.files}
+    return _ASC_LOADED[key]
 
 
 def keyword_split(keyword_names: Sequence[str]) -> dict[str, tuple[str, ...]]:
