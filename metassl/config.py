@@ -87,6 +87,9 @@ class ModelConfig:
     n_fft: int = 256
     hop: int = 80
     mel_bands: int = 40
+    # logmel: subtract each band's mean over the clip's frames (cepstral mean normalisation: a fixed
+    # gain per frequency, such as a microphone's response or the recording level, cancels out)
+    cmn: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,9 @@ class AudioAugmentConfig:
     noise_prob: float = 0.5  # probability of adding white noise
     snr_db_min: float = 10.0  # its signal-to-noise ratio drawn from U[snr_db_min, snr_db_max] dB
     snr_db_max: float = 30.0
+    # a random smooth equaliser (another microphone or room): a gain curve over frequency of at most
+    # +-eq_db dB, the sum of 4 cosines over the band with random weights (0: off)
+    eq_db: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -658,9 +664,11 @@ def _validate_audio(cfg: Config) -> None:
         if o.cpc and o.cpc_steps >= frames:
             raise ConfigError(f"objective.cpc_steps={o.cpc_steps} must be fewer than the {frames} frames of a clip")
     if not (0 < a.speed_min <= a.speed_max) or not 0 <= a.shift < 1 or a.gain_db < 0 or not 0 <= a.noise_prob <= 1 \
-            or not a.snr_db_min <= a.snr_db_max:
+            or not a.snr_db_min <= a.snr_db_max or not a.eq_db >= 0:
         raise ConfigError(f"generator.audio={a}: need 0 < speed_min <= speed_max, 0 <= shift < 1, gain_db >= 0, "
-                          "noise_prob in [0, 1] and snr_db_min <= snr_db_max")
+                          "noise_prob in [0, 1], snr_db_min <= snr_db_max and eq_db >= 0")
+    if m.cmn and m.frontend != "logmel":
+        raise ConfigError("model.cmn=true normalises log-mel bands; it needs model.frontend='logmel'")
 
 
 def _validate_text(cfg: Config) -> None:

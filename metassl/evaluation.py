@@ -46,8 +46,13 @@ class EvalResult:
 def format_results(result: dict) -> list[str]:
     """Console lines for a run's `result.json` dict: the test result, beside the untrained one if any."""
     test = EvalResult(**result["test"])
+    extra = []  # the other evaluations of a grouped split (trainer.group_evaluations)
+    for key, label in (("other_protocol", "other protocol"), ("speaker_id", "speaker identification")):
+        if key in result:
+            other = EvalResult(**result[key])
+            extra.append(f"{label} ({other.protocol.get('classes')}): {other.summary()}")
     if "untrained" not in result:
-        return test.summary().splitlines()
+        return test.summary().splitlines() + extra
     base = EvalResult(**result["untrained"])
     p = test.protocol
     scale, unit = (100.0, "%") if test.metric == "accuracy" else (1.0, "")
@@ -60,7 +65,7 @@ def format_results(result: dict) -> list[str]:
         lines.append(f"  {label:<22} {scale * res.mean:7.2f} +- {scale * res.ci95:.2f}{unit}")
     gain = scale * (test.mean - base.mean)
     lines[-1] += f"   ({gain:+.2f}{' points' if unit else ''})"
-    return lines
+    return lines + extra
 
 
 def mean_ci95(values) -> tuple[float, float]:

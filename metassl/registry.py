@@ -81,7 +81,7 @@ def audio_settings(cfg: Config) -> dict | None:
     m = cfg.model
     return dict(kernels=tuple(m.kernels), strides=tuple(m.strides), context=m.context, context_net=m.context_net,
                 frontend=m.frontend, sample_rate=cfg.data.sample_rate, n_fft=m.n_fft, hop=m.hop,
-                mel_bands=m.mel_bands)
+                mel_bands=m.mel_bands, cmn=m.cmn)
 
 
 def audio_options(cfg: Config) -> dict:

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from metassl import checkpoint, distributed
-from metassl.config import Config, dump, from_dict, is_audio_config, is_text_config, to_dict
+from metassl.config import Config, dump, from_dict, is_audio_config, is_text_config, to_dict, with_values
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, eval_shape, evaluate_model
 from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder, with_generative
@@ -624,9 +624,45 @@ def final_evaluation(cfg: Config, run_dir: Path, learner, model, log=print) -> d
     log(f"evaluating the trained network (step {state['step']}) on {cfg.eval.episodes} "
              f"{cfg.eval.split} episodes")
     result["test"] = evaluate(state["params"], state["buffers"]).to_dict()
+    result.update(group_evaluations(cfg, learner, model, state, sampler, n_way, k_shot, n_query, log))
     for line in format_results(result):
         log(line)
     return result
+
+
+def group_evaluations(cfg: Config, learner, model, state: dict, sampler, n_way: int, k_shot: int,
+                      n_query: int, log=print) -> dict:
+    """The other evaluations of a split whose items have groups (the speakers of spoken keywords).
+
+    `other_protocol`: the same episodes' shape with support and queries from any groups when the
+    config's protocol takes them from disjoint groups, and the reverse. `speaker_id`
+    (arabic_speech_commands with keywords as classes): few-shot speaker identification of the
+    same checkpoint on the authors' test speakers, whose clips are of meta-test keywords, in the
+    config's protocol (disjoint: support and queries from different keywords); its way is at most
+    the 6 test speakers. Neither selects anything: they are recorded beside `test`.
+    """
+    data = getattr(sampler, "split", None)
+    if data is None or getattr(data, "groups", None) is None:
+        return {}
+    out = {}
+    other = not cfg.eval.disjoint_groups
+    log(f"evaluating the same checkpoint with support and queries from "
+        f"{'disjoint' if other else 'any'} {data.group_kind}")
+    out["other_protocol"] = evaluate_model(
+        cfg, learner, model, state["params"], state["buffers"], split=cfg.eval.split, episodes=cfg.eval.episodes,
+        seed=cfg.eval.seed, n_way=n_way, k_shot=k_shot, n_query=n_query, inner_steps=cfg.eval.inner_steps,
+        disjoint_groups=other).to_dict()
+    if cfg.data.dataset == "arabic_speech_commands" and cfg.data.class_split == "primary":
+        speakers = with_values(cfg, {"data.class_split": "speakers"})
+        way = min(n_way, build_sampler(speakers, cfg.eval.split, n_way=2, k_shot=1, n_query=1,
+                                       seed=cfg.eval.seed).split.num_classes)
+        log(f"evaluating the same checkpoint on few-shot speaker identification ({way}-way {k_shot}-shot, "
+            f"{cfg.eval.split} speakers)")
+        out["speaker_id"] = evaluate_model(
+            speakers, learner, model, state["params"], state["buffers"], split=cfg.eval.split,
+            episodes=cfg.eval.episodes, seed=cfg.eval.seed, n_way=way, k_shot=k_shot, n_query=n_query,
+            inner_steps=cfg.eval.inner_steps).to_dict()
+    return out
 
 
 def _run_tokenizer(cfg: Config, state: dict, checkpoint_path: Path) -> Config:

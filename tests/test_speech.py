@@ -1,6 +1,7 @@
 """Speech runs end to end: audio pseudo-tasks, CPC in the combined objective, Ray, resume, bad files."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -65,6 +66,26 @@ def test_audio_views_change_a_clip_and_the_identity_settings_do_not():
     spectrum = torch.fft.rfft(random_audio_views(clip[:1], fast, torch.Generator())[0, 0, 800:3200])
     base = torch.fft.rfft(clip[0, 0, 800:3200])
     assert math.isclose(int(spectrum.abs().argmax()) / int(base.abs().argmax()), 1.25, rel_tol=0.03)
+
+
+def test_the_random_equaliser_shapes_each_clip_within_its_bound_and_keeps_earlier_views():
+    from metassl.ssl.audio_views import random_equaliser
+
+    noise = torch.randn(6, 1, 4000, generator=torch.Generator().manual_seed(0)) * 0.01
+    out = random_equaliser(noise, 12.0, torch.Generator().manual_seed(1))
+    gain_db = 20 * torch.log10(torch.fft.rfft(out).abs() / torch.fft.rfft(noise).abs())
+    assert float(gain_db.abs().max()) <= 12.0 + 1e-3 and float(gain_db.abs().max()) > 2.0
+    smooth = gain_db[..., 1:] - gain_db[..., :-1]  # a smooth curve: neighbouring bins hardly differ
+    assert float(smooth.abs().max()) < 0.05
+    assert not torch.allclose(gain_db[0], gain_db[1], atol=0.5)  # every clip its own filter
+    assert torch.equal(out, random_equaliser(noise, 12.0, torch.Generator().manual_seed(1)))  # seeded
+    clip = torch.sin(torch.arange(4000) / 8.0).view(1, 1, -1).repeat(4, 1, 1) * 0.5
+    base, eq = AudioAugmentConfig(), AudioAugmentConfig(eq_db=12.0)
+    first = random_audio_views(clip, base, torch.Generator().manual_seed(3))
+    assert torch.equal(first, random_audio_views(clip, base, torch.Generator().manual_seed(3)))
+    assert not torch.allclose(first, random_audio_views(clip, eq, torch.Generator().manual_seed(3)), atol=1e-3)
+    with pytest.raises(ConfigError, match="eq_db"):
+        random_audio_views(clip, AudioAugmentConfig(eq_db=-1.0), torch.Generator())
 
 
 def test_audio_episodes_are_seeded_by_episode_id_and_round_trip_through_parquet(tmp_path):
@@ -162,6 +183,14 @@ def test_one_checkpoint_evaluates_keywords_with_any_or_disjoint_speakers_and_spe
     assert result["test"]["protocol"]["classes"] == "arabic_speech_commands/keywords/test"
     anyone = evaluate(tmp_path / "run", episodes=10, disjoint_groups=False)
     assert "disjoint_groups" not in anyone.protocol
+    # result.json holds the other protocol and speaker identification of the same checkpoint too
+    assert "disjoint_groups" not in result["other_protocol"]["protocol"]
+    assert result["other_protocol"]["mean"] == anyone.mean
+    assert result["speaker_id"]["protocol"]["classes"] == "arabic_speech_commands/speakers/test"
+    assert result["speaker_id"]["protocol"]["disjoint_groups"] == "keywords"
+    assert result["speaker_id"]["mean"] == evaluate(tmp_path / "run", episodes=10, class_split="speakers").mean
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["speaker_id"] == result["speaker_id"] and saved["other_protocol"] == result["other_protocol"]
     speakers = evaluate(tmp_path / "run", episodes=10, class_split="speakers", n_way=5, k_shot=1, n_query=5)
     assert speakers.protocol["classes"] == "arabic_speech_commands/speakers/test"
     assert speakers.protocol["num_classes"] == 6 and speakers.protocol["disjoint_groups"] == "keywords"
@@ -239,6 +268,15 @@ def test_the_log_mel_frontend_is_librosas_spectrogram_and_trains_with_cpc(speech
     assert result["steps"] == 2 and 0 <= result["test"]["mean"] <= 1
     with pytest.raises(ConfigError, match="n_fft=4096 is longer than a clip"):
         speech_cfg(speech_folder, "model.frontend=logmel", "model.n_fft=4096")
+    # cepstral mean normalisation: each band's mean over the clip is 0, and a fixed gain cancels
+    cmn = AudioEncoder(hidden=8, context=8, frontend="logmel", kernels=(3,), strides=(1,), cmn=True)
+    assert float(cmn.log_mel(x).mean(-1).abs().max()) < 1e-4
+    cmn.load_state_dict(encoder.state_dict())
+    cmn.eval(), encoder.eval()  # running statistics: a batch mean would hide the gain too
+    with torch.no_grad():
+        assert torch.allclose(cmn(x), cmn(3 * x), atol=1e-4) and not torch.allclose(encoder(x), encoder(3 * x), atol=1e-3)
+    with pytest.raises(ConfigError, match="cmn"):
+        speech_cfg(speech_folder, "model.cmn=true")
 
 
 def test_a_run_trains_on_written_audio_shards_that_fit_it_and_refuses_others(speech_folder, tmp_path):

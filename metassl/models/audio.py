@@ -12,7 +12,9 @@ every frame) and a ReLU.
 power of `torch.stft` (Hann windows of `n_fft` samples, hop `hop`) through librosa's mel
 filterbank (`mel_bands` triangles, a buffer of the model, so it is computed on the training
 device with the rest), `log(mel + 1e-6)`; the convolutions then run over its frames (their
-kernels and strides count frames; `(3, 3, 3)` and `(1, 2, 2)` make a frame every 40 ms).
+kernels and strides count frames; `(3, 3, 3)` and `(1, 2, 2)` make a frame every 40 ms). With
+`cmn` each band's mean over the clip is subtracted (cepstral mean normalisation), so a fixed
+gain per frequency (a microphone's response, the recording level) cancels.
 
 Input `[batch, 1, T]` float32 waveforms. `features` (an AudioEncoder): `forward(x)` gives the
 clip's embedding `[batch, context]`, the mean of the GRU's states over the frames (or of the
@@ -51,11 +53,13 @@ class AudioEncoder(nn.Module):
     def __init__(self, hidden: int = 128, context: int = 128, norm: str = "batch", support_statistics: bool = False,
                  kernels: Sequence[int] = (10, 8, 4, 4), strides: Sequence[int] = (5, 4, 2, 2),
                  context_net: str = "gru", frontend: str = "waveform", sample_rate: int = 8000, n_fft: int = 256,
-                 hop: int = 80, mel_bands: int = 40):
+                 hop: int = 80, mel_bands: int = 40, cmn: bool = False):
         super().__init__()
         if frontend not in FRONTENDS:
             raise ConfigError(f"model.frontend={frontend!r} is not one of {list(FRONTENDS)}")
-        self.frontend, self.n_fft, self.hop = frontend, n_fft, hop
+        if cmn and frontend != "logmel":
+            raise ConfigError("model.cmn=true normalises log-mel bands; it needs model.frontend='logmel'")
+        self.frontend, self.n_fft, self.hop, self.cmn = frontend, n_fft, hop, cmn
         if frontend == "logmel":
             self.register_buffer("mel", mel_filterbank(sample_rate, n_fft, mel_bands))
         if len(kernels) != len(strides) or not kernels:
@@ -105,7 +109,8 @@ class AudioEncoder(nn.Module):
         window = torch.hann_window(self.n_fft, device=x.device, dtype=x.dtype)
         spec = torch.stft(x[:, 0], self.n_fft, hop_length=self.hop, window=window, return_complex=True)
         power = spec.real.square() + spec.imag.square()  # [batch, n_fft // 2 + 1, frames]
-        return torch.log(torch.matmul(self.mel, power) + 1e-6)
+        logmel = torch.log(torch.matmul(self.mel, power) + 1e-6)
+        return logmel - logmel.mean(dim=2, keepdim=True) if self.cmn else logmel
 
 
 class AudioNet(nn.Module):

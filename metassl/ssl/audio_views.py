@@ -1,4 +1,4 @@
-"""Batched random views of audio clips in torch: time shift, speed, gain and additive noise.
+"""Batched random views of audio clips in torch: time shift, speed, gain, additive noise and equalisation.
 
 Every function works on a whole batch `[B, 1, T]` at once: one `F.grid_sample` call resamples
 all clips, each with its own speed and shift. All randomness comes from the `torch.Generator`
@@ -28,6 +28,8 @@ def check_audio_augment(cfg: AudioAugmentConfig) -> AudioAugmentConfig:
         raise ConfigError(f"audio.noise_prob={cfg.noise_prob} must be in [0, 1]")
     if not cfg.snr_db_min <= cfg.snr_db_max:
         raise ConfigError(f"audio.snr_db_min={cfg.snr_db_min} must be <= snr_db_max={cfg.snr_db_max}")
+    if not cfg.eq_db >= 0:
+        raise ConfigError(f"audio.eq_db={cfg.eq_db} must be >= 0")
     return cfg
 
 
@@ -44,7 +46,7 @@ def random_audio_views(x: torch.Tensor, cfg: AudioAugmentConfig, generator: torc
     tempo and pitch change together) and shifted by U[-shift, shift] of its length, about its
     centre; scaled by a gain of U[-gain_db, gain_db] dB; with probability `noise_prob`, white
     noise added at a signal-to-noise ratio of U[snr_db_min, snr_db_max] dB (of the clip's RMS);
-    clipped to [-1, 1]. With speeds 1, shift 0, gain 0 and no noise the view equals the clip up to
+    with `eq_db` > 0 through a random smooth equaliser (`random_equaliser`); clipped to [-1, 1]. With speeds 1, shift 0, gain 0 and no noise the view equals the clip up to
     float rounding (the resampling grid is computed in float32).
     """
     _check_clips(x)
@@ -67,7 +69,25 @@ def random_audio_views(x: torch.Tensor, cfg: AudioAugmentConfig, generator: torc
         rms = out.pow(2).mean(dim=(1, 2)).sqrt()
         std = torch.where(u[:, 3] < cfg.noise_prob, rms / 10.0 ** (snr / 20), torch.zeros_like(rms))
         out = out + std[:, None, None] * noise
+    if cfg.eq_db > 0:  # drawn after the rest, so views without it are those of earlier releases
+        out = random_equaliser(out, cfg.eq_db, generator)
     return out.clamp_(-1.0, 1.0)
+
+
+def random_equaliser(x: torch.Tensor, eq_db: float, generator: torch.Generator) -> torch.Tensor:
+    """Each clip of `x` `[B, 1, T]` through its own random smooth filter (another microphone or room).
+
+    The gain in dB at frequency f (0 to Nyquist) is `eq_db / 4 * sum_j w_j cos(pi j f / Nyquist)`,
+    j = 1..4, with weights w_j drawn from U[-1, 1], so it stays within +-eq_db dB; applied to
+    the clip's real FFT (zero phase), so timing is kept.
+    """
+    batch, _, length = x.shape
+    w = 2 * torch.rand((batch, 4), generator=generator, device=generator.device).to(x) - 1
+    spectrum = torch.fft.rfft(x, dim=-1)
+    f = torch.linspace(0, 1, spectrum.shape[-1], device=x.device, dtype=x.dtype)
+    j = torch.arange(1, 5, device=x.device, dtype=x.dtype)
+    gain_db = eq_db / 4 * (w[:, :, None] * torch.cos(torch.pi * j[None, :, None] * f[None, None, :])).sum(1)
+    return torch.fft.irfft(spectrum * 10.0 ** (gain_db[:, None, :] / 20), n=length, dim=-1)
 
 
 def audio_ssl_views(x: torch.Tensor, cfg: AudioAugmentConfig, generator: torch.Generator
