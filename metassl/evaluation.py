@@ -48,7 +48,9 @@ def format_results(result: dict) -> list[str]:
     test = EvalResult(**result["test"])
     extra = []  # the other evaluations of a grouped split (trainer.group_evaluations)
     for key, label in (("other_protocol", "other protocol"), ("speaker_id", "speaker identification")):
-        if key in result:
+        if key in result and "skipped" in result[key]:
+            extra.append(f"{label}: skipped ({result[key]['skipped']})")
+        elif key in result:
             other = EvalResult(**result[key])
             extra.append(f"{label} ({other.protocol.get('classes')}): {other.summary()}")
     if "untrained" not in result:

@@ -639,29 +639,33 @@ def group_evaluations(cfg: Config, learner, model, state: dict, sampler, n_way: 
     (arabic_speech_commands with keywords as classes): few-shot speaker identification of the
     same checkpoint on the authors' test speakers, whose clips are of meta-test keywords, in the
     config's protocol (disjoint: support and queries from different keywords); its way is at most
-    the 6 test speakers. Neither selects anything: they are recorded beside `test`.
+    the 6 test speakers. Neither selects anything: they are recorded beside `test`. One whose
+    episodes the split cannot fill (e.g. more queries than a half of the keywords holds) is
+    recorded as `{"skipped": reason}` rather than ending the run after its training.
     """
     data = getattr(sampler, "split", None)
     if data is None or getattr(data, "groups", None) is None:
         return {}
-    out = {}
+
+    def evaluate(run_cfg: Config, what: str, **shape) -> dict:
+        log(f"evaluating the same checkpoint {what}")
+        try:
+            return evaluate_model(run_cfg, learner, model, state["params"], state["buffers"], split=cfg.eval.split,
+                                  episodes=cfg.eval.episodes, seed=cfg.eval.seed, k_shot=k_shot, n_query=n_query,
+                                  inner_steps=cfg.eval.inner_steps, **shape).to_dict()
+        except DataError as e:
+            log(f"  skipped: {e}")
+            return {"skipped": str(e)}
+
     other = not cfg.eval.disjoint_groups
-    log(f"evaluating the same checkpoint with support and queries from "
-        f"{'disjoint' if other else 'any'} {data.group_kind}")
-    out["other_protocol"] = evaluate_model(
-        cfg, learner, model, state["params"], state["buffers"], split=cfg.eval.split, episodes=cfg.eval.episodes,
-        seed=cfg.eval.seed, n_way=n_way, k_shot=k_shot, n_query=n_query, inner_steps=cfg.eval.inner_steps,
-        disjoint_groups=other).to_dict()
+    out = {"other_protocol": evaluate(cfg, f"with support and queries from {'disjoint' if other else 'any'} "
+                                           f"{data.group_kind}", n_way=n_way, disjoint_groups=other)}
     if cfg.data.dataset == "arabic_speech_commands" and cfg.data.class_split == "primary":
         speakers = with_values(cfg, {"data.class_split": "speakers"})
         way = min(n_way, build_sampler(speakers, cfg.eval.split, n_way=2, k_shot=1, n_query=1,
                                        seed=cfg.eval.seed).split.num_classes)
-        log(f"evaluating the same checkpoint on few-shot speaker identification ({way}-way {k_shot}-shot, "
-            f"{cfg.eval.split} speakers)")
-        out["speaker_id"] = evaluate_model(
-            speakers, learner, model, state["params"], state["buffers"], split=cfg.eval.split,
-            episodes=cfg.eval.episodes, seed=cfg.eval.seed, n_way=way, k_shot=k_shot, n_query=n_query,
-            inner_steps=cfg.eval.inner_steps).to_dict()
+        out["speaker_id"] = evaluate(speakers, f"on few-shot speaker identification ({way}-way {k_shot}-shot, "
+                                               f"{cfg.eval.split} speakers)", n_way=way)
     return out
 
 

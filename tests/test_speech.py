@@ -196,6 +196,18 @@ def test_one_checkpoint_evaluates_keywords_with_any_or_disjoint_speakers_and_spe
     assert speakers.protocol["num_classes"] == 6 and speakers.protocol["disjoint_groups"] == "keywords"
     with pytest.raises(ConfigError, match="class_split"):
         evaluate(tmp_path / "run", class_split="bogus")
+    # an extra evaluation whose episodes the split cannot fill is recorded as skipped, not fatal:
+    # 16 queries are more than a half of the 10 test keywords holds for one speaker (5 x 3 clips)
+    from metassl.evaluation import format_results
+    from metassl.registry import build_sampler
+    from metassl.trainer import group_evaluations, load_trained
+
+    run_cfg, learner, model, _, _, state = load_trained(str(tmp_path / "run"))
+    wide = config.with_values(run_cfg, {"eval.n_query": 16})
+    sampler = build_sampler(wide, "test", n_way=5, k_shot=1, n_query=16, seed=0, disjoint_groups=True)
+    extra = group_evaluations(wide, learner, model, state, sampler, 5, 1, 16, log=_quiet)
+    assert 0 <= extra["other_protocol"]["mean"] <= 1 and "n_query=16" in extra["speaker_id"]["skipped"]
+    assert any(line.startswith("speaker identification: skipped") for line in format_results({**result, **extra}))
 
 
 def test_the_self_improving_loop_clusters_audio_with_the_network_being_trained(speech_folder, tmp_path):

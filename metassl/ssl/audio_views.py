@@ -46,7 +46,8 @@ def random_audio_views(x: torch.Tensor, cfg: AudioAugmentConfig, generator: torc
     tempo and pitch change together) and shifted by U[-shift, shift] of its length, about its
     centre; scaled by a gain of U[-gain_db, gain_db] dB; with probability `noise_prob`, white
     noise added at a signal-to-noise ratio of U[snr_db_min, snr_db_max] dB (of the clip's RMS);
-    with `eq_db` > 0 through a random smooth equaliser (`random_equaliser`); clipped to [-1, 1]. With speeds 1, shift 0, gain 0 and no noise the view equals the clip up to
+    with `eq_db` > 0, through a random smooth equaliser (`random_equaliser`); clipped to [-1, 1].
+    With speeds 1, shift 0, gain 0, no noise and no equaliser the view equals the clip up to
     float rounding (the resampling grid is computed in float32).
     """
     _check_clips(x)
