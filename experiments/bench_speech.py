@@ -18,8 +18,9 @@ same episodes; `--untrained` adds the network as its config initialises it (the 
 encoder: same architecture, no training).
 
 `ablate`: the self-supervised recipe (`experiments/speech_unsupervised.yaml`: audio UMTRA, then
-clusters of the network's embedding, + CPC, no labels) with parts taken away, on the same clock: both, pseudo-tasks only
-(no CPC), CPC only (`objective.meta_weight=0`: the episodes are made but not learned from), and
+clusters of the network's embedding, + CPC, no labels) with parts taken away, on the same clock:
+both, pseudo-tasks only (no CPC), CPC only (`objective.meta_weight=0`: the episodes are made but
+not learned from), and
 the supervised ceiling (`experiments/speech_supervised.yaml`, ProtoNet on the meta-train
 keywords' labels). Each run is `metassl train` through Ray Train (1 worker, generator actors),
 one at a time; meta-val selects each checkpoint (speaker-disjoint, as the runs' eval section

@@ -284,7 +284,8 @@ def test_the_log_mel_frontend_is_librosas_spectrogram_and_trains_with_cpc(speech
     cmn = AudioEncoder(hidden=8, context=8, frontend="logmel", kernels=(3,), strides=(1,), cmn=True)
     assert float(cmn.log_mel(x).mean(-1).abs().max()) < 1e-4
     cmn.load_state_dict(encoder.state_dict())
-    cmn.eval(), encoder.eval()  # running statistics: a batch mean would hide the gain too
+    cmn.eval()  # running statistics: a batch mean would hide the gain too
+    encoder.eval()
     with torch.no_grad():
         assert torch.allclose(cmn(x), cmn(3 * x), atol=1e-4) and not torch.allclose(encoder(x), encoder(3 * x), atol=1e-3)
     with pytest.raises(ConfigError, match="cmn"):
