@@ -39,11 +39,8 @@ def test_sweep_stops_a_poor_trial_writes_its_outputs_and_reads_meta_test_only_at
         return load_split(spec, split, **kwargs)
 
     monkeypatch.setattr(registry, "load_split", recording_load_split)
-    t0 = time.perf_counter()
     lines = []
     summary = run_tune(_sweep_cfg(), out, log=lines.append)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 120, f"a 4-trial tiny sweep took {elapsed:.0f} s"
 
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 4 and summary["trials"] == 4
