@@ -201,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset spec: digits | sinusoid | omniglot[:PATH] | imagefolder:PATH | "
                                   "clinc150[:PATH] | text:PATH | arabic_speech_commands[:PATH] | audio:PATH "
                                   "(default: the training dataset)")
-    e.add_argument("--protocol", choices=["supervised", "unsupervised", "psco", "unsupervised_rotations"],
-                   help="omniglot protocol")
+    e.add_argument("--protocol", choices=["supervised", "unsupervised", "psco"], help="omniglot protocol")
     e.add_argument("--class-split", choices=["primary", "domain_disjoint", "speakers"],
                    help="the dataset's class split (arabic_speech_commands: speakers makes few-shot speaker "
                         "identification; default: the run's data.class_split)")

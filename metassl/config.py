@@ -28,7 +28,6 @@ class DataConfig:
     dataset: str = "digits"
     root: str | None = None  # dataset folder (omniglot); None: $METASSL_DATA or download
     # omniglot: supervised (rotations as classes) | unsupervised (rotation 0) | psco (PsCo's: supervised's classes)
-    # | unsupervised_rotations (unsupervised's val/test; the unlabelled train pool also holds each image rotated)
     protocol: str = "supervised"
     image_size: int = 28  # images are resized to image_size x image_size
     channels: int = 1  # imagefolder: 1 (grey) or 3 (RGB)
@@ -364,7 +363,7 @@ CHOICES = {
     "learner.name": ("maml", "fomaml", "reptile", "protonet", "matchingnet"),
     "optim.optimizer": ("adam", "sgd"),
     "optim.schedule": ("constant", "cosine"),
-    "data.protocol": ("supervised", "unsupervised", "psco", "unsupervised_rotations"),
+    "data.protocol": ("supervised", "unsupervised", "psco"),
     "eval.split": ("train", "val", "test"),
     "generator.kind": ("labelled", "augment", "cluster", "generative", "mix", "smlmt"),
     "generator.generative.model": ("vae", "gan"),

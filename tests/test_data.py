@@ -500,30 +500,6 @@ def test_registry_names_valid_datasets_and_checks_arguments():
         load_split("imagefolder", "train")
 
 
-def test_unsupervised_rotations_protocol_rotates_the_train_pool_only():
-    """unsupervised_rotations: meta-val and meta-test are the unsupervised protocol's (rotation 0),
-    while the unlabelled meta-train pool holds every train image at the 4 rotations."""
-    from metassl.config import load
-    from metassl.registry import load_unlabelled
-
-    for split in ("val", "test"):
-        rotated, plain = load_omniglot(None, split, "unsupervised_rotations"), load_omniglot(None, split, "unsupervised")
-        assert rotated.class_names == plain.class_names
-        assert torch.equal(rotated.x, plain.x) and torch.equal(rotated.y, plain.y)
-    train = load_omniglot(None, "train", "unsupervised_rotations")
-    assert train.class_names == load_omniglot(None, "train", "supervised").class_names
-    assert len(train.class_names) == 4 * 1028
-    cfg = load(None, ["data.dataset=omniglot", "data.protocol=unsupervised_rotations", "generator.kind=augment"])
-    pool = load_unlabelled(cfg)
-    assert pool.shape == (4 * 1028 * 20, 1, 28, 28)
-    plain_pool = load_unlabelled(load(None, ["data.dataset=omniglot", "data.protocol=unsupervised",
-                                             "generator.kind=augment"]))
-    assert plain_pool.shape == (1028 * 20, 1, 28, 28)
-    # the rotated copies are the plain pool's images turned, not other drawings
-    turned = {torch.rot90(image, 1, dims=(-2, -1)).numpy().tobytes() for image in plain_pool[:40]}
-    assert sum(image.numpy().tobytes() in turned for image in pool) == 40
-
-
 def test_psco_protocol_has_the_supervised_classes_and_a_rotated_unlabelled_pool():
     """PsCo's protocol: each (character, rotation) of the Vinyals split is a class (4 x 423 test
     classes), and the unlabelled meta-train pool holds every rotated train image."""

@@ -78,8 +78,8 @@ def load_split(
     `spec` is a name from DATASETS, optionally followed by ":PATH" for the data folder;
     a PATH in the spec takes precedence over `root`, and digits (bundled with scikit-learn)
     ignores both, so one `root` setting can serve several datasets. `protocol`
-    ("supervised", "unsupervised", "psco" or "unsupervised_rotations") changes the classes of
-    Omniglot only (see metassl.data.omniglot). `channels` 3 is for imagefolder only; digits and Omniglot are
+    ("supervised", "unsupervised" or "psco") changes the classes of Omniglot only (see
+    metassl.data.omniglot). `channels` 3 is for imagefolder only; digits and Omniglot are
     grayscale. imagefolder only: `split_fractions` and `split_seed` split a folder of
     classes (a folder with train/, val/, test/ is split already), and `trained_on`, the
     folder a run was meta-trained on, makes another folder an unseen one (its classes must

@@ -1,17 +1,12 @@
 """Omniglot (Lake et al. 2015) with the character splits of Vinyals et al. (2016).
 
 The 1,623 characters are split into 1028 train, 172 val and 423 test characters (the
-lists published with Prototypical Networks). Four protocols build classes from them:
+lists published with Prototypical Networks). Two protocols build classes from them:
 
 * "supervised" (MAML, ProtoNets): each (character, rotation) is a class, for rotations
   0, 90, 180 and 270 degrees, so train/val/test have 4112/688/1692 classes. A rotation
   turns the whole image counter-clockwise (torch.rot90 over the last two dims).
 * "unsupervised" (CACTUs, UMTRA, ...): the characters unrotated, 1028/172/423 classes.
-* "unsupervised_rotations": the val and test classes of "unsupervised" (rotation 0), while
-  meta-train has the 4112 classes of "supervised", so that the unlabelled pool also holds
-  every train image turned by 90, 180 and 270 degrees (82,240 images). The rotations are an
-  augmentation of the same drawings of the same 1028 characters: no new images, and the
-  labels stay unused in meta-training.
 * "psco": PsCo's protocol (Jang et al. 2023, public code `alinlab/PsCo`): the classes of
   "supervised" (its `splits/omniglot/vinyals_{train,val,test}_labels.json` list these same
   1028/172/423 characters, and its `Omniglot` dataset makes each of the 4 rotations a class),
@@ -49,8 +44,7 @@ from metassl.data.paths import data_home
 from metassl.errors import DataError
 
 SPLITS = ("train", "val", "test")
-# psco: supervised's classes; unsupervised_rotations: supervised's train, unsupervised's val/test
-PROTOCOLS = ("supervised", "unsupervised", "psco", "unsupervised_rotations")
+PROTOCOLS = ("supervised", "unsupervised", "psco")  # psco: supervised's classes, see above
 ROTATIONS = (0, 90, 180, 270)
 SHIPPED_SPLITS = Path(__file__).with_name("omniglot_vinyals_splits.txt")
 
@@ -130,8 +124,8 @@ def load_omniglot(
 ) -> FewShotSplit:
     """Returns one Vinyals split of Omniglot: x [N, 1, S, S] float32 in [0, 1] (ink = 1), y [N].
 
-    Class names are "Alphabet/characterNN/rotDDD" (rot000 only for protocol "unsupervised" and
-    for the val and test splits of "unsupervised_rotations"; "psco" has the classes of "supervised").
+    Class names are "Alphabet/characterNN/rotDDD" (rot000 only for protocol "unsupervised";
+    "psco" has the classes of "supervised").
     """
     if split not in SPLITS:
         raise DataError(f"unknown Omniglot split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -141,7 +135,7 @@ def load_omniglot(
     folder, layout = resolve_root(root, image_size)
     classes = split_classes(folder, split)
     characters = list(dict.fromkeys(character for character, _ in classes))  # unique, in order
-    if protocol == "unsupervised" or (protocol == "unsupervised_rotations" and split != "train"):
+    if protocol == "unsupervised":
         classes = [(character, 0) for character in characters]
 
     # images holds the drawings of characters[0], then characters[1], ...: uint8 [M, S, S]
