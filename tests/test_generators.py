@@ -215,43 +215,6 @@ def test_cluster_determinism_and_new_embeddings(blob_generator):
             assert len(members) == 0 or (members == members[0]).all()
 
 
-def test_refresh_on_parallel_threads_matches_one_thread_bitwise():
-    """Re-embedding (chunks) and re-clustering (partitions) run side by side on the process's CPUs;
-    the result must be bitwise what one thread gives, which every process of a run relies on."""
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    from metassl.generate import cluster
-    from metassl.models.backbones import build_model
-
-    gen = torch.Generator().manual_seed(0)
-    centres = torch.randn(40, 16, generator=gen) * 3
-    points = (centres.repeat_interleave(60, 0) + torch.randn(2400, 16, generator=gen)).numpy()
-    labels = cluster.kmeans_partitions(points, 40, 3, seed=7)
-    with threadpool_limits(limits=1):  # the reference: the partitions one after another, on one thread
-        for p in range(3):
-            run_seed = int(np.random.SeedSequence([7, p]).generate_state(1)[0])
-            reference = KMeans(n_clusters=40, n_init=1, algorithm="lloyd", max_iter=cluster.KMEANS_MAX_ITER,
-                               random_state=run_seed).fit_predict(points)
-            assert np.array_equal(labels[p], reference)
-    assert labels.dtype == np.int64 and labels.shape == (3, 2400)
-
-    model = build_model("conv4", out_features=None, hidden=16, norm="batch", image_size=28).eval()
-    images = torch.rand(300, 1, 28, 28, generator=gen)
-    threads = torch.get_num_threads()
-    embedded = cluster.embed_images(images, model, chunk=64)  # 5 chunks
-    assert torch.get_num_threads() == threads  # restored
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            reference = torch.cat([model(images[i : i + 64]) for i in range(0, 300, 64)])
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(embedded, reference)
-    with pytest.raises(DataError, match="for B = 64 it returned"):
-        cluster.embed_images(images, lambda x: x.flatten(1)[:3], chunk=64)
-
-
 def test_cluster_augment_and_ssl(blob_generator):
     _, pool, _ = blob_generator
     generator = ClusterEpisodes(pool, 3, 1, 2, clusters=10, partitions=1, embedding_dim=4,

@@ -22,8 +22,6 @@ switch their generator to that version (`source.VersionedGenerator`) before maki
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -57,63 +55,44 @@ def pca_embeddings(images: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 
 def embed_images(images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
                  chunk: int = EMBED_CHUNK) -> torch.Tensor:
-    """Returns float32 [M, D] = `embed` applied to `images` [M, C, H, W] in chunks, without gradients.
-
-    Every chunk is embedded on one thread, so the result is bitwise the same in every process;
-    chunks run side by side on the CPUs this process may use (a refresh of a large pool is
-    otherwise minutes of one core while the trainer waits).
-    """
+    """Returns float32 [M, D] = `embed` applied to `images` [M, C, H, W] in chunks, without gradients."""
     threads = torch.get_num_threads()
-    starts = range(0, len(images), chunk)
-
-    def one_chunk(start: int) -> torch.Tensor:
-        torch.set_num_threads(1)  # also in this worker thread, whose OpenMP setting is its own
-        with torch.no_grad():
-            return _checked_embedding(embed(images[start : start + chunk]), len(images[start : start + chunk]))
-
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one thread: bitwise the same embedding in every process
     try:
-        with ThreadPoolExecutor(max_workers=parallel_jobs(len(starts))) as pool:
-            parts = list(pool.map(one_chunk, starts))
+        parts = _embed_chunks(images, embed, chunk)
     finally:
         torch.set_num_threads(threads)
     return torch.cat(parts)
 
 
-def _checked_embedding(part, rows: int) -> torch.Tensor:
-    if not isinstance(part, torch.Tensor) or part.ndim != 2 or len(part) != rows:
-        got = list(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
-        raise DataError(f"the encoder must map images [B, C, H, W] to embeddings [B, D]; "
-                        f"for B = {rows} it returned {got}")
-    return part.detach().float().cpu()
-
-
-def parallel_jobs(jobs: int) -> int:
-    """Threads for `jobs` independent one-thread jobs: no more than the CPUs this process may use."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(jobs, cpus))
+def _embed_chunks(images, embed, chunk):
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(images), chunk):
+            part = embed(images[start : start + chunk])
+            rows = len(images[start : start + chunk])
+            if not isinstance(part, torch.Tensor) or part.ndim != 2 or len(part) != rows:
+                got = list(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+                raise DataError(f"the encoder must map images [B, C, H, W] to embeddings [B, D]; "
+                                f"for B = {rows} it returned {got}")
+            parts.append(part.detach().float().cpu())
+    return parts
 
 
 def kmeans_partitions(embeddings: np.ndarray, clusters: int, partitions: int, seed: int) -> np.ndarray:
     """Returns int64 [partitions, M]: cluster labels 0..clusters-1 of P k-means runs on `embeddings` [M, D].
 
-    Run p uses k-means++ initialisation seeded from (seed, p). Each run is on one thread, so
-    that every process (actor or trainer) finds the same partitions; the P runs go side by
-    side on the CPUs this process may use, which changes nothing in their results.
+    Run p uses k-means++ initialisation seeded from (seed, p). k-means runs on one
+    thread so that every process (actor or trainer) finds the same partitions.
     """
-    def one_run(p: int) -> np.ndarray:
-        run_seed = int(np.random.SeedSequence([seed, p]).generate_state(1)[0])
-        # OpenMP's thread count is per thread: limit this worker's too (BLAS is limited process-wide below)
-        with threadpool_limits(limits=1, user_api="openmp"):
+    labels = np.empty((partitions, len(embeddings)), dtype=np.int64)
+    with threadpool_limits(limits=1):
+        for p in range(partitions):
+            run_seed = int(np.random.SeedSequence([seed, p]).generate_state(1)[0])
             kmeans = KMeans(n_clusters=clusters, n_init=1, algorithm="lloyd", max_iter=KMEANS_MAX_ITER,
                             random_state=run_seed)
-            return kmeans.fit_predict(embeddings)
-
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=parallel_jobs(partitions)) as pool:
-        return np.stack(list(pool.map(one_run, range(partitions)))).astype(np.int64)
+            labels[p] = kmeans.fit_predict(embeddings)
+    return labels
 
 
 def eligible_clusters(labels: np.ndarray, clusters: int, min_size: int) -> list[np.ndarray]:
