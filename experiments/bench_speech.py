@@ -20,9 +20,8 @@ encoder: same architecture, no training).
 `ablate`: the self-supervised recipe (`experiments/speech_unsupervised.yaml`: audio UMTRA, then
 clusters of the network's embedding, + CPC, no labels) with parts taken away, on the same clock:
 both, pseudo-tasks only (no CPC), CPC only (`objective.meta_weight=0`: the episodes are made but
-not learned from), and
-the supervised ceiling (`experiments/speech_supervised.yaml`, ProtoNet on the meta-train
-keywords' labels). Each run is `metassl train` through Ray Train (1 worker, generator actors),
+not learned from), and the supervised ceiling (`experiments/speech_supervised.yaml`, ProtoNet on
+the meta-train keywords' labels). Each run is `metassl train` through Ray Train (1 worker, generator actors),
 one at a time; meta-val selects each checkpoint (speaker-disjoint, as the runs' eval section
 says); then every run is evaluated as `eval` does. A run directory that already holds a
 result.json (and test_cells.json) is kept: an interrupted benchmark continues.

@@ -48,10 +48,13 @@ def format_results(result: dict) -> list[str]:
     test = EvalResult(**result["test"])
     extra = []  # the other evaluations of a grouped split (trainer.group_evaluations)
     for key, label in (("other_protocol", "other protocol"), ("speaker_id", "speaker identification")):
-        if key in result and "skipped" in result[key]:
-            extra.append(f"{label}: skipped ({result[key]['skipped']})")
-        elif key in result:
-            other = EvalResult(**result[key])
+        entry = result.get(key)
+        if entry is None:
+            continue
+        if "skipped" in entry:
+            extra.append(f"{label}: skipped ({entry['skipped']})")
+        else:
+            other = EvalResult(**entry)
             extra.append(f"{label} ({other.protocol.get('classes')}): {other.summary()}")
     if "untrained" not in result:
         return test.summary().splitlines() + extra
