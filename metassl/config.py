@@ -272,6 +272,11 @@ class GeneratorConfig:
     # cluster with encoder=model: make augment (UMTRA) episodes for the first W steps, then
     # cluster the embedding of the network trained so far (0: cluster from step 0)
     warmup_steps: int = 0
+    # cluster: threads that embed the pool's chunks and run the k-means partitions side by side,
+    # each on one thread, so the partitions do not depend on it. A refresh stops training until
+    # it is done, so a generator actor may use the waiting trainer's cores too (e.g. 2 with one
+    # worker and one actor on 2 cores); 1 keeps to the actor's own CPU.
+    refresh_threads: int = 1
     cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
     shards: str | None = None  # train on episodes written by `metassl generate` (path or URI) instead
@@ -380,6 +385,7 @@ POSITIVE = [
     "train.steps", "train.log_every", "train.val_episodes", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_skipped_steps", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
     "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
+    "generator.refresh_threads",
     "generator.embedding_dim", "objective.temperature", "objective.proj_dim",
     "objective.psco_queue", "objective.psco_shots", "objective.psco_temperature", "objective.psco_temperature2",
     "objective.psco_hidden", "objective.psco_dim",
@@ -447,7 +453,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 AT_MOST = {
     "train.val_episodes": 1_000_000, "eval.episodes": 1_000_000, "train.threads": 1024,
     "generator.episodes_per_task": 100_000, "generator.max_in_flight": 10_000, "generator.actors": 100_000,
-    "generator.clusters": 1_000_000, "generator.partitions": 1_000, "tune.samples": 100_000,
+    "generator.clusters": 1_000_000, "generator.partitions": 1_000, "generator.refresh_threads": 1024, "tune.samples": 100_000,
     "tune.workers": 10_000, "tune.concurrent": 100_000, "learner.inner_steps": 10_000,
     "learner.eval_inner_steps": 10_000, "train.max_failures": 1_000, "train.keep_checkpoints": 100_000,
     "data.image_size": 4096, "model.hidden": 65_536, "objective.proj_dim": 65_536,

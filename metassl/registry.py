@@ -347,7 +347,7 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
             return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
                                    partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
                                    augment=augment if g.cluster_views else None, ssl_views=g.ssl_views,
-                                   ssl_augment=augment, encoder_version=version)
+                                   ssl_augment=augment, encoder_version=version, threads=g.refresh_threads)
 
         embed, version = (model_embedder(cfg, encoder[0]), encoder[1]) if encoder else (None, 0)
         if g.warmup_steps:  # augment episodes until the trainer publishes the network
@@ -384,22 +384,33 @@ def load_generative_for(cfg: Config) -> dict:
 
 
 def model_embedder(cfg: Config, state: dict):
-    """Return `embed(x [B, C, H, W]) -> [B, D]`: the backbone's features with the weights in `state`."""
-    from metassl.meta.functional import forward
+    """Return `embed(x [B, C, H, W]) -> [B, D]`: the backbone's features with the weights in `state`.
 
+    The weights are copied into a module of the embedder's own, which is only read after
+    that (eval mode, no gradients): `embed` may be called from several threads at once, and
+    later changes to `state` do not reach it.
+    """
     m = cfg.model
     model = build_model(m.backbone, out_features=None, in_channels=cfg.data.channels, hidden=m.hidden,
                         norm=m.norm, image_size=cfg.data.image_size, mlp_hidden=m.mlp_hidden,
                         support_statistics=has_inner_loop(cfg), channels_last=uses_channels_last(cfg),
                         audio=audio_settings(cfg)).eval()
-    names = dict(model.named_parameters()) | dict(model.named_buffers())
-    weights = {k: v for k, v in state.items() if k in names}
-    missing = sorted(set(names) - set(weights))
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = sorted(set(own) - set(state))
     if missing:
         raise ConfigError(f"encoder weights lack {missing[:3]}... for model.backbone={m.backbone!r}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            given = state[name]
+            if not isinstance(given, torch.Tensor) or given.shape != tensor.shape:
+                got = list(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+                raise ConfigError(f"encoder weight {name!r} is {got}, but model.backbone={m.backbone!r} "
+                                  f"needs {list(tensor.shape)}")
+            tensor.copy_(given)
+    model.requires_grad_(False)
 
-    @torch.no_grad()
     def embed(x: torch.Tensor) -> torch.Tensor:
-        return forward(model, weights, {}, x)
+        with torch.no_grad():
+            return model(x)
 
     return embed

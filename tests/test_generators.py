@@ -215,6 +215,52 @@ def test_cluster_determinism_and_new_embeddings(blob_generator):
             assert len(members) == 0 or (members == members[0]).all()
 
 
+def test_refresh_threads_give_the_one_thread_result_bitwise():
+    """generator.refresh_threads embeds chunks and runs k-means partitions side by side with the
+    run's own encoder (registry.model_embedder); every process relies on the result being bitwise
+    what one thread gives."""
+    from metassl.generate import cluster
+    from metassl.meta.functional import forward
+    from metassl.registry import build_backbone, build_learner, model_embedder
+
+    cfg = config.load(None, ["data.image_size=28", "model.hidden=16", "learner.name=protonet"])
+    model = build_backbone(cfg, build_learner(cfg))
+    torch.manual_seed(5)
+    state = {k: v.detach() + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in (dict(model.named_parameters()) | dict(model.named_buffers())).items()}
+    state["head.weight"] = torch.zeros(3)  # weights the backbone lacks are ignored
+    embed = model_embedder(cfg, state)
+    pool = images(700, size=28, seed=2)
+    threads = torch.get_num_threads()
+    one = cluster.embed_images(pool, embed, chunk=64, threads=1)
+    side_by_side = cluster.embed_images(pool, embed, chunk=64, threads=4)
+    assert torch.get_num_threads() == threads  # restored after the refresh
+    assert torch.equal(one, side_by_side)
+    torch.set_num_threads(1)
+    try:  # the embedder is the backbone with those weights, as a functional call gives it
+        with torch.no_grad():
+            reference = forward(model.eval(), {k: state[k] for k, _ in model.named_parameters()},
+                                {k: state[k] for k, _ in model.named_buffers()}, pool[:64])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[:64], reference)
+    for v in state.values():  # the embedder holds its own copy of the weights
+        v.zero_() if v.is_floating_point() else None
+    assert torch.equal(cluster.embed_images(pool[:64], embed, threads=2), one[:64])
+
+    labels = cluster.kmeans_partitions(one.numpy(), 20, 3, seed=7, threads=1)
+    assert labels.dtype == np.int64 and labels.shape == (3, 700)
+    assert np.array_equal(cluster.kmeans_partitions(one.numpy(), 20, 3, seed=7, threads=3), labels)
+    assert not np.array_equal(labels[0], labels[1])  # each partition has its own seed
+
+    with pytest.raises(ConfigError, match=r"encoder weight 'features.0.weight' is \[2\]"):
+        model_embedder(cfg, {**state, "features.0.weight": torch.zeros(2)})
+    with pytest.raises(ConfigError, match="generator.refresh_threads"):
+        config.load(None, ["generator.refresh_threads=0"])
+    with pytest.raises(DataError, match="threads must be an integer >= 1"):
+        ClusterEpisodes(pool, 5, 1, 1, clusters=10, partitions=1, embedding_dim=4, threads=0)
+
+
 def test_cluster_augment_and_ssl(blob_generator):
     _, pool, _ = blob_generator
     generator = ClusterEpisodes(pool, 3, 1, 2, clusters=10, partitions=1, embedding_dim=4,

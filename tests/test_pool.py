@@ -136,11 +136,12 @@ def in_process(weights):
     return drive(TrainingSource(cfg, actors=0), cfg, weights, range(STEPS))
 
 
-@pytest.mark.parametrize("actors, per_task, in_flight, rank, world", [
-    (1, 3, 4, 0, 1), (2, 5, 1, 0, 1), (2, 3, 2, 1, 2)])
+@pytest.mark.parametrize("actors, per_task, in_flight, rank, world, threads", [
+    (1, 3, 4, 0, 1, 1), (2, 5, 1, 0, 1, 2), (2, 3, 2, 1, 2, 1)])
 def test_encoder_versions_follow_the_schedule_whatever_the_pool_settings(
-        weights, in_process, actors, per_task, in_flight, rank, world):
-    cfg = self_improving(f"generator.episodes_per_task={per_task}", f"generator.max_in_flight={in_flight}")
+        weights, in_process, actors, per_task, in_flight, rank, world, threads):
+    cfg = self_improving(f"generator.episodes_per_task={per_task}", f"generator.max_in_flight={in_flight}",
+                         f"generator.refresh_threads={threads}")
     source = TrainingSource(cfg, rank=rank, world=world, actors=actors)
     try:
         got = drive(source, cfg, weights, range(STEPS))

@@ -22,6 +22,7 @@ switch their generator to that version (`source.VersionedGenerator`) before maki
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -54,45 +55,62 @@ def pca_embeddings(images: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 
 
 def embed_images(images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
-                 chunk: int = EMBED_CHUNK) -> torch.Tensor:
-    """Returns float32 [M, D] = `embed` applied to `images` [M, C, H, W] in chunks, without gradients."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: bitwise the same embedding in every process
+                 chunk: int = EMBED_CHUNK, threads: int = 1) -> torch.Tensor:
+    """Returns float32 [M, D] = `embed` applied to `images` [M, C, H, W] in chunks, without gradients.
+
+    Every chunk is embedded on one thread, so the result is bitwise the same in every
+    process; with `threads` > 1 that many chunks go side by side. `embed` must then be
+    safe to call from several threads at once (`registry.model_embedder` is: its module
+    holds the weights and is only read).
+    """
+    starts = range(0, len(images), chunk)
+
+    def one_chunk(start: int) -> torch.Tensor:
+        torch.set_num_threads(1)  # OpenMP's thread count is per thread: set it in each worker
+        with torch.no_grad():
+            part = embed(images[start : start + chunk])
+        rows = len(images[start : start + chunk])
+        if not isinstance(part, torch.Tensor) or part.ndim != 2 or len(part) != rows:
+            got = list(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+            raise DataError(f"the encoder must map images [B, C, H, W] to embeddings [B, D]; "
+                            f"for B = {rows} it returned {got}")
+        return part.detach().float().cpu()
+
+    before = torch.get_num_threads()
     try:
-        parts = _embed_chunks(images, embed, chunk)
+        if threads <= 1:
+            parts = [one_chunk(start) for start in starts]
+        else:
+            with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
+                parts = list(pool.map(one_chunk, starts))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return torch.cat(parts)
 
 
-def _embed_chunks(images, embed, chunk):
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(images), chunk):
-            part = embed(images[start : start + chunk])
-            rows = len(images[start : start + chunk])
-            if not isinstance(part, torch.Tensor) or part.ndim != 2 or len(part) != rows:
-                got = list(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
-                raise DataError(f"the encoder must map images [B, C, H, W] to embeddings [B, D]; "
-                                f"for B = {rows} it returned {got}")
-            parts.append(part.detach().float().cpu())
-    return parts
-
-
-def kmeans_partitions(embeddings: np.ndarray, clusters: int, partitions: int, seed: int) -> np.ndarray:
+def kmeans_partitions(embeddings: np.ndarray, clusters: int, partitions: int, seed: int,
+                      threads: int = 1) -> np.ndarray:
     """Returns int64 [partitions, M]: cluster labels 0..clusters-1 of P k-means runs on `embeddings` [M, D].
 
-    Run p uses k-means++ initialisation seeded from (seed, p). k-means runs on one
-    thread so that every process (actor or trainer) finds the same partitions.
+    Run p uses k-means++ initialisation seeded from (seed, p). Each run is on one thread,
+    so that every process (actor or trainer) finds the same partitions; with `threads` > 1
+    that many runs go side by side, which changes nothing in their results.
     """
-    labels = np.empty((partitions, len(embeddings)), dtype=np.int64)
-    with threadpool_limits(limits=1):
-        for p in range(partitions):
-            run_seed = int(np.random.SeedSequence([seed, p]).generate_state(1)[0])
+    def one_run(p: int) -> np.ndarray:
+        run_seed = int(np.random.SeedSequence([seed, p]).generate_state(1)[0])
+        # OpenMP's limit is per thread, so it is set in each worker; BLAS's is process-wide (below)
+        with threadpool_limits(limits=1, user_api="openmp"):
             kmeans = KMeans(n_clusters=clusters, n_init=1, algorithm="lloyd", max_iter=KMEANS_MAX_ITER,
                             random_state=run_seed)
-            labels[p] = kmeans.fit_predict(embeddings)
-    return labels
+            return kmeans.fit_predict(embeddings).astype(np.int64)
+
+    with threadpool_limits(limits=1):
+        if threads <= 1:
+            runs = [one_run(p) for p in range(partitions)]
+        else:
+            with ThreadPoolExecutor(max_workers=min(threads, partitions)) as pool:
+                runs = list(pool.map(one_run, range(partitions)))
+    return np.stack(runs)
 
 
 def eligible_clusters(labels: np.ndarray, clusters: int, min_size: int) -> list[np.ndarray]:
@@ -111,14 +129,15 @@ class ClusterEpisodes(RecordSource):
     finds `clusters` clusters, `partitions` times. `augment` (None: raw images) draws a
     random view of every episode image; with `ssl_views`, records also carry SimCLR views
     and rotated copies of the episode's support images (drawn with `augment`, or the AugmentConfig
-    defaults when it is None).
+    defaults when it is None). `threads` chunks of the pool (embedding) and k-means runs
+    (clustering) go side by side, each on one thread: the partitions are the same for any value.
     """
 
     def __init__(self, images: torch.Tensor, n_way: int, k_shot: int, n_query: int, *,
                  clusters: int, partitions: int, seed: int = 0,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None, embedding_dim: int = 64,
                  augment: AugmentConfig | None = None, ssl_views: bool = False,
-                 ssl_augment: AugmentConfig | None = None, encoder_version: int = 0):
+                 ssl_augment: AugmentConfig | None = None, encoder_version: int = 0, threads: int = 1):
         self.images = check_pool(images)
         self.n_way = check_int("n_way", n_way, 2)
         self.k_shot = check_int("k_shot", k_shot, 1)
@@ -126,6 +145,7 @@ class ClusterEpisodes(RecordSource):
         self.clusters = check_int("clusters", clusters, 1)
         self.partitions = check_int("partitions", partitions, 1)
         self.seed = check_int("seed", seed, 0)
+        self.threads = check_int("threads", threads, 1)
         episode_seed(self.seed, 0)  # checks seed < 2**32
         if not self.n_way <= self.clusters <= len(images):
             raise DataError(f"clusters={self.clusters} must lie between n_way={self.n_way} and the "
@@ -137,12 +157,12 @@ class ClusterEpisodes(RecordSource):
             dim = check_int("embedding_dim", embedding_dim, 1)
             embeddings = pca_embeddings(self.images, dim, self.seed)
         else:
-            embeddings = embed_images(self.images, embed)
+            embeddings = embed_images(self.images, embed, threads=self.threads)
         self.set_embeddings(embeddings, encoder_version)
 
     def set_encoder(self, embed: Callable[[torch.Tensor], torch.Tensor], version: int) -> None:
         """Re-embeds the pool with `embed` ([B, C, H, W] -> [B, D]) and re-clusters it; see set_embeddings."""
-        self.set_embeddings(embed_images(self.images, embed), version)
+        self.set_embeddings(embed_images(self.images, embed, threads=self.threads), version)
 
     def set_embeddings(self, embeddings: torch.Tensor, version: int) -> None:
         """Clusters precomputed `embeddings` [M, D] into new partitions; later records report `version`.
@@ -159,7 +179,7 @@ class ClusterEpisodes(RecordSource):
         embeddings = embeddings.detach().float().cpu()
         if not bool(torch.isfinite(embeddings).all()):
             raise DataError("embeddings contain NaN or infinite values; the encoder has diverged")
-        labels = kmeans_partitions(embeddings.numpy(), self.clusters, self.partitions, self.seed)
+        labels = kmeans_partitions(embeddings.numpy(), self.clusters, self.partitions, self.seed, self.threads)
         needed = self.k_shot + self.n_query
         members = [eligible_clusters(row, self.clusters, needed) for row in labels]
         for p, groups in enumerate(members):
