@@ -9,7 +9,8 @@ Both ways in one process, alternating, on the same network and pool:
   another, then the P k-means runs one after another;
 - `N threads`: `generator.refresh_threads: N`, N chunks or runs side by side, each on one
   thread.
-Their embeddings and partitions are checked to be identical. The network is CKPT's (a run's
+Their embeddings and partitions are checked to be identical. A small refresh each way
+first warms up, untimed. The network is CKPT's (a run's
 best.pt, so that k-means sees a trained embedding and runs its usual number of iterations), or
 the config's freshly initialised one. Prints the median seconds of each part and the ratio.
 Run it with nothing else on the machine: it is a timing.
@@ -65,6 +66,9 @@ def main() -> None:
     g = cfg.generator
     print(f"pool {tuple(images.shape)}, {g.clusters} clusters x {g.partitions} partitions, "
           f"{len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}", flush=True)
+    # warm-up, not timed: first touch of the pool, oneDNN's kernel set-up, threadpoolctl's library scan
+    for n in (1, args.threads):
+        refresh(images[: 4 * cluster.EMBED_CHUNK], embed, min(g.clusters, 64), g.partitions, cfg.seed, n)
     names = {1: "1 thread", args.threads: f"{args.threads} threads"}
     times = {n: [] for n in names}
     for r in range(args.rounds):

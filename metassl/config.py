@@ -273,10 +273,10 @@ class GeneratorConfig:
     # cluster the embedding of the network trained so far (0: cluster from step 0)
     warmup_steps: int = 0
     # cluster: threads that embed the pool's chunks and run the k-means partitions side by side,
-    # each on one thread, so the partitions do not depend on it. A refresh stops training until
-    # it is done, so a generator actor may use the waiting trainer's cores too (e.g. 2 with one
-    # worker and one actor on 2 cores); 1 keeps to the actor's own CPU.
-    refresh_threads: int = 1
+    # each on one thread, so the partitions do not depend on it. 0 (auto): on Ray actors, the
+    # CPUs Ray allots a training worker and its actors, shared by the actors (training waits for
+    # a refresh, so with one worker and one actor: 2); in process, the process's torch threads.
+    refresh_threads: int = 0
     cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
     shards: str | None = None  # train on episodes written by `metassl generate` (path or URI) instead
@@ -385,7 +385,6 @@ POSITIVE = [
     "train.steps", "train.log_every", "train.val_episodes", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_skipped_steps", "eval.episodes", "data.image_size", "model.hidden", "learner.matching_scale",
     "generator.max_in_flight", "generator.episodes_per_task", "generator.clusters", "generator.partitions",
-    "generator.refresh_threads",
     "generator.embedding_dim", "objective.temperature", "objective.proj_dim",
     "objective.psco_queue", "objective.psco_shots", "objective.psco_temperature", "objective.psco_temperature2",
     "objective.psco_hidden", "objective.psco_dim",
@@ -398,7 +397,7 @@ POSITIVE = [
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
-                "generator.refresh_every", "generator.warmup_steps", "objective.ssl_weight", "objective.simclr",
+                "generator.refresh_every", "generator.warmup_steps", "generator.refresh_threads", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
                 "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
                 "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise",
@@ -756,6 +755,18 @@ def actors_per_worker(requested: int, workers: int, cpus: float) -> int:
     if requested >= 0:
         return requested
     return max(1, (int(cpus) - workers) // workers)
+
+
+def refresh_threads(requested: int, actors: int, actor_cpus: float, waiting_cpus: float) -> int:
+    """`generator.refresh_threads` for each of `actors` generator actors of ~actor_cpus CPUs each.
+
+    `requested` >= 1 is kept; 0 (auto) shares among the actors the CPUs Ray allots them and
+    the process that waits for them (a training worker's `waiting_cpus`, idle during a
+    refresh), rounded down, at least 1: one worker and one actor of one CPU each give 2.
+    """
+    if requested >= 1:
+        return requested
+    return max(1, int((actors * actor_cpus + waiting_cpus) / max(actors, 1) + 1e-9))
 
 
 # --- loading -------------------------------------------------------------------------

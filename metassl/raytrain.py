@@ -49,11 +49,13 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 class RayContext:
     """A Ray Train worker's view: its rank, the last reported checkpoint, and `ray.train.report`."""
 
-    def __init__(self, generator_actors: int = 0, use_gpu: bool = False, actor_cpus: float = 1.0):
+    def __init__(self, generator_actors: int = 0, use_gpu: bool = False, actor_cpus: float = 1.0,
+                 worker_cpus: float = 1.0):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.generator_actors = generator_actors  # this worker's episode-generating actors
         self.actor_cpus = actor_cpus  # the CPUs each of them asks Ray for
+        self.worker_cpus = worker_cpus  # the CPUs this worker asks Ray for
         # the GPU Ray assigned to this worker (NCCL process group), else the CPU (gloo)
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
@@ -79,7 +81,8 @@ def _worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     if not cfg.train.threads:  # this node's cores, shared with its other workers
         torch.set_num_threads(max(1, _node_cores() // ray.train.get_context().get_local_world_size()))
-    ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"], loop_config["actor_cpus"])
+    ctx = RayContext(loop_config["generator_actors"], loop_config["use_gpu"], loop_config["actor_cpus"],
+                     loop_config["worker_cpus"])
     relay = loop_config.get("console")
 
     def log(line: str) -> None:
@@ -336,7 +339,7 @@ def _run_workers(cfg: Config, store: RunStore, loop: dict, *, workers: int, addr
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"config": to_dict(cfg), "run_dir": store.location if store.remote else str(store.local),
-                               "generator_actors": actors, "actor_cpus": actor_cpus,
+                               "generator_actors": actors, "actor_cpus": actor_cpus, "worker_cpus": worker_cpus,
                                "use_gpu": use_gpu, **loop,
                                "console": relay.queue if relay is not None else None,
                                "env": {FORBIDDEN_SPLITS_ENV: os.environ.get(FORBIDDEN_SPLITS_ENV, "")}},

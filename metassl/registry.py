@@ -347,7 +347,8 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
             return ClusterEpisodes(images, ep.n_way, ep.k_shot, ep.n_query, clusters=g.clusters,
                                    partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
                                    augment=augment if g.cluster_views else None, ssl_views=g.ssl_views,
-                                   ssl_augment=augment, encoder_version=version, threads=g.refresh_threads)
+                                   ssl_augment=augment, encoder_version=version,
+                                   threads=g.refresh_threads or torch.get_num_threads())
 
         embed, version = (model_embedder(cfg, encoder[0]), encoder[1]) if encoder else (None, 0)
         if g.warmup_steps:  # augment episodes until the trainer publishes the network

@@ -163,6 +163,7 @@ class LocalContext:
     rank, world = 0, 1
 
     actor_cpus = 1.0  # what each generator actor asks Ray for (with generator.actors > 0)
+    worker_cpus = 1.0  # what this process counts as its own CPUs beside them
 
     def __init__(self, generator_actors: int = 0, device: torch.device | str = "cpu"):
         # generator.actors -1 (auto) generates in this process
@@ -372,7 +373,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         elif not gen.warmup_steps:
             encoder = (cpu_weights({**params, **buffers}), 1)
     train_tasks = TrainingSource(cfg, start_step=start, rank=ctx.rank, world=ctx.world, encoder=encoder,
-                                 actors=ctx.generator_actors, actor_cpus=ctx.actor_cpus)
+                                 actors=ctx.generator_actors, actor_cpus=ctx.actor_cpus, worker_cpus=ctx.worker_cpus)
     # generator.generative.refit_steps: the generative model's fit goes on at each refresh point
     # (on every worker alike), and the refitted decoder is published beside the encoder
     refit = None

@@ -215,27 +215,40 @@ def test_cluster_determinism_and_new_embeddings(blob_generator):
             assert len(members) == 0 or (members == members[0]).all()
 
 
-def test_refresh_threads_give_the_one_thread_result_bitwise():
+def test_refresh_threads_give_the_one_thread_result_bitwise(monkeypatch):
     """generator.refresh_threads embeds chunks and runs k-means partitions side by side with the
     run's own encoder (registry.model_embedder); every process relies on the result being bitwise
-    what one thread gives."""
+    what one thread gives, so each job must run on one thread whatever the caller's setting."""
+    import threading
+
+    from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
+    from threadpoolctl import threadpool_info
+
     from metassl.generate import cluster
     from metassl.meta.functional import forward
     from metassl.registry import build_backbone, build_learner, model_embedder
 
-    cfg = config.load(None, ["data.image_size=28", "model.hidden=16", "learner.name=protonet"])
+    cfg = config.load(None, ["data.image_size=28", "model.hidden=16", "model.norm=batch", "learner.name=protonet"])
     model = build_backbone(cfg, build_learner(cfg))
     torch.manual_seed(5)
     state = {k: v.detach() + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
              for k, v in (dict(model.named_parameters()) | dict(model.named_buffers())).items()}
     state["head.weight"] = torch.zeros(3)  # weights the backbone lacks are ignored
-    embed = model_embedder(cfg, state)
+    embedder = model_embedder(cfg, state)
+    seen = []  # (thread, its torch thread count) of each chunk
+
+    def embed(x):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return embedder(x)
+
     pool = images(700, size=28, seed=2)
     threads = torch.get_num_threads()
     one = cluster.embed_images(pool, embed, chunk=64, threads=1)
+    seen.clear()
     side_by_side = cluster.embed_images(pool, embed, chunk=64, threads=4)
-    assert torch.get_num_threads() == threads  # restored after the refresh
+    assert torch.get_num_threads() == threads  # the caller's count is restored after the refresh
     assert torch.equal(one, side_by_side)
+    assert len(seen) == 11 and {n for _, n in seen} == {1} and len({t for t, _ in seen}) > 1
     torch.set_num_threads(1)
     try:  # the embedder is the backbone with those weights, as a functional call gives it
         with torch.no_grad():
@@ -246,19 +259,44 @@ def test_refresh_threads_give_the_one_thread_result_bitwise():
     assert torch.equal(one[:64], reference)
     for v in state.values():  # the embedder holds its own copy of the weights
         v.zero_() if v.is_floating_point() else None
-    assert torch.equal(cluster.embed_images(pool[:64], embed, threads=2), one[:64])
+    assert torch.equal(cluster.embed_images(pool[:64], embedder, threads=2), one[:64])
+    with pytest.raises(DataError, match=r"embeddings \[B, D\]; for B = 64 it returned \[64, 2, 2\]"):
+        cluster.embed_images(pool[:128], lambda x: torch.zeros(len(x), 2, 2), chunk=64, threads=2)
 
+    runs = []  # (thread, OpenMP threads, BLAS threads) of each k-means run
+
+    class SpyKMeans(cluster.KMeans):
+        def fit_predict(self, x, y=None, sample_weight=None):
+            blas = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+            runs.append((threading.get_ident(), _openmp_effective_n_threads(), blas))
+            return super().fit_predict(x, y, sample_weight)
+
+    monkeypatch.setattr(cluster, "KMeans", SpyKMeans)
     labels = cluster.kmeans_partitions(one.numpy(), 20, 3, seed=7, threads=1)
     assert labels.dtype == np.int64 and labels.shape == (3, 700)
+    runs.clear()
     assert np.array_equal(cluster.kmeans_partitions(one.numpy(), 20, 3, seed=7, threads=3), labels)
+    assert len(runs) == 3 and all(n == 1 and blas <= {1} for _, n, blas in runs)
     assert not np.array_equal(labels[0], labels[1])  # each partition has its own seed
 
     with pytest.raises(ConfigError, match=r"encoder weight 'features.0.weight' is \[2\]"):
         model_embedder(cfg, {**state, "features.0.weight": torch.zeros(2)})
     with pytest.raises(ConfigError, match="generator.refresh_threads"):
-        config.load(None, ["generator.refresh_threads=0"])
+        config.load(None, ["generator.refresh_threads=-1"])
     with pytest.raises(DataError, match="threads must be an integer >= 1"):
         ClusterEpisodes(pool, 5, 1, 1, clusters=10, partitions=1, embedding_dim=4, threads=0)
+
+
+def test_refresh_threads_auto_shares_the_ray_allotment():
+    """0 (auto): the actors' CPUs plus the waiting worker's, shared by the actors, at least 1."""
+    from metassl.config import refresh_threads
+
+    assert refresh_threads(0, actors=1, actor_cpus=1.0, waiting_cpus=1.0) == 2  # one worker, one actor
+    assert refresh_threads(0, actors=3, actor_cpus=1.0, waiting_cpus=1.0) == 1
+    assert refresh_threads(0, actors=1, actor_cpus=3.0, waiting_cpus=1.0) == 4
+    assert refresh_threads(0, actors=4, actor_cpus=0.25, waiting_cpus=0.0) == 1  # fractions: at least 1
+    assert refresh_threads(0, actors=8, actor_cpus=1.0, waiting_cpus=0.0) == 1  # `metassl generate`
+    assert refresh_threads(3, actors=8, actor_cpus=1.0, waiting_cpus=0.0) == 3  # explicit: kept
 
 
 def test_cluster_augment_and_ssl(blob_generator):

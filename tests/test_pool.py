@@ -86,7 +86,7 @@ def test_consumer_that_never_reads_keeps_generation_bounded(images):
 # --- encoder versions: episodes are a function of the config, whatever the pool settings ----
 
 SELF_IMPROVING = ["generator.kind=cluster", "generator.encoder=model", "generator.clusters=12",
-                  "generator.partitions=1", "model.hidden=8", "episodes.n_way=3", "episodes.k_shot=1",
+                  "generator.partitions=2", "model.hidden=8", "episodes.n_way=3", "episodes.k_shot=1",
                   "episodes.n_query=2", "episodes.meta_batch=2", "generator.warmup_steps=2",
                   "generator.refresh_every=2"]
 STEPS = 8  # versions 0, 0, 3, 3, 5, 5, 7, 7
@@ -136,14 +136,16 @@ def in_process(weights):
     return drive(TrainingSource(cfg, actors=0), cfg, weights, range(STEPS))
 
 
-@pytest.mark.parametrize("actors, per_task, in_flight, rank, world, threads", [
-    (1, 3, 4, 0, 1, 1), (2, 5, 1, 0, 1, 2), (2, 3, 2, 1, 2, 1)])
+@pytest.mark.parametrize("actors, per_task, in_flight, rank, world, threads, resolved", [
+    (1, 3, 4, 0, 1, 0, 2), (2, 5, 1, 0, 1, 2, 2), (2, 3, 2, 1, 2, 0, 1), (1, 3, 2, 0, 1, 1, 1)])
 def test_encoder_versions_follow_the_schedule_whatever_the_pool_settings(
-        weights, in_process, actors, per_task, in_flight, rank, world, threads):
+        weights, in_process, actors, per_task, in_flight, rank, world, threads, resolved):
     cfg = self_improving(f"generator.episodes_per_task={per_task}", f"generator.max_in_flight={in_flight}",
                          f"generator.refresh_threads={threads}")
     source = TrainingSource(cfg, rank=rank, world=world, actors=actors)
     try:
+        # refresh_threads 0 (auto): the actors' CPU and the waiting worker's, shared by the actors
+        assert source.pool.refresh_threads == resolved
         got = drive(source, cfg, weights, range(STEPS))
         switches = [s["switches"] for s in source.pool.stats()]
     finally:

@@ -66,7 +66,9 @@ def embed_images(images: torch.Tensor, embed: Callable[[torch.Tensor], torch.Ten
     starts = range(0, len(images), chunk)
 
     def one_chunk(start: int) -> torch.Tensor:
-        torch.set_num_threads(1)  # OpenMP's thread count is per thread: set it in each worker
+        # OpenMP's and MKL's thread counts are per thread, so each worker sets its own (this also
+        # sets the default of threads started later: the caller's count is restored below)
+        torch.set_num_threads(1)
         with torch.no_grad():
             part = embed(images[start : start + chunk])
         rows = len(images[start : start + chunk])
@@ -98,7 +100,9 @@ def kmeans_partitions(embeddings: np.ndarray, clusters: int, partitions: int, se
     """
     def one_run(p: int) -> np.ndarray:
         run_seed = int(np.random.SeedSequence([seed, p]).generate_state(1)[0])
-        # OpenMP's limit is per thread, so it is set in each worker; BLAS's is process-wide (below)
+        # OpenMP's limit is per thread, so it is set in each worker. BLAS's is process-wide and
+        # set once below: KMeans saves and restores it around each fit, which is only safe from
+        # several threads because every one of them saves and restores the same value, 1
         with threadpool_limits(limits=1, user_api="openmp"):
             kmeans = KMeans(n_clusters=clusters, n_init=1, algorithm="lloyd", max_iter=KMEANS_MAX_ITER,
                             random_state=run_seed)
@@ -130,7 +134,9 @@ class ClusterEpisodes(RecordSource):
     random view of every episode image; with `ssl_views`, records also carry SimCLR views
     and rotated copies of the episode's support images (drawn with `augment`, or the AugmentConfig
     defaults when it is None). `threads` chunks of the pool (embedding) and k-means runs
-    (clustering) go side by side, each on one thread: the partitions are the same for any value.
+    (clustering) go side by side, each on one thread: the partitions are the same for any value,
+    provided `embed` (and each encoder `set_encoder` gets) may be called from several threads at
+    once, as `registry.model_embedder`'s may.
     """
 
     def __init__(self, images: torch.Tensor, n_way: int, k_shot: int, n_query: int, *,

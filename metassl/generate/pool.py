@@ -24,6 +24,7 @@ delivered, so no episode id is lost or delivered twice.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from metassl.config import Config, from_dict, to_dict
+from metassl.config import Config, from_dict, refresh_threads, to_dict
 from metassl.data.episodes import check_int
 from metassl.errors import DataError
 from metassl.generate.record import EpisodeRecord
@@ -84,12 +85,15 @@ class EpisodePool:
     `encoder` = (weights, version) throughout, 0 without one). `encoder` and
     `publish_encoder` provide the weights of each version. `generative` is the fitted
     generative model (None: loaded from the config when its episodes need one).
+    `waiting_cpus`: the CPUs of the process that consumes the stream, idle while the actors
+    refresh (`generator.refresh_threads` auto counts them).
     """
 
     def __init__(self, cfg: Config, images: torch.Tensor, *, actors: int, actor_cpus: float = 1.0, start: int = 0,
                  chunk: int | None = None, max_in_flight: int | None = None, timeout_s: float = 600.0,
                  episode_id: Callable[[int], int] | None = None, encoder: tuple[dict, int] | None = None,
-                 version_of: Callable[[int], int] | None = None, generative: dict | None = None):
+                 version_of: Callable[[int], int] | None = None, generative: dict | None = None,
+                 waiting_cpus: float = 0.0):
         if actors < 1:
             raise DataError(f"generator.actors={actors}: a Ray pool needs at least one actor")
         if not ray.is_initialized():
@@ -105,7 +109,11 @@ class EpisodePool:
             generative = load_generative_for(cfg)
         # one copy of the generative model's weights in the object store, shared by the actors
         self._generative_ref = ray.put({"params": generative["params"]}) if generative is not None else None
-        self._config = to_dict(cfg)
+        # generator.refresh_threads 0 (auto): the actors' CPUs and those of the process that waits
+        # for them (`waiting_cpus`, a training worker's), shared by the actors
+        self.refresh_threads = refresh_threads(cfg.generator.refresh_threads, actors, actor_cpus, waiting_cpus)
+        self._config = to_dict(dataclasses.replace(
+            cfg, generator=dataclasses.replace(cfg.generator, refresh_threads=self.refresh_threads)))
         initial = encoder[1] if encoder is not None else 0
         # published version -> [ref to its weights] (None: version 0, no encoder); versions
         # older than the one being consumed are dropped

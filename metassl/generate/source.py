@@ -154,7 +154,7 @@ class TrainingSource:
 
     def __init__(self, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1,
                  encoder: tuple[dict, int] | None = None, actors: int | None = None,
-                 actor_cpus: float = 1.0):
+                 actor_cpus: float = 1.0, worker_cpus: float = 1.0):
         from metassl.generative.fit import needs_generative
         from metassl.registry import build_sampler, load_generative_for, load_unlabelled
 
@@ -194,7 +194,8 @@ class TrainingSource:
             from metassl.generate.pool import EpisodePool
             self.pool = EpisodePool(cfg, images, actors=actors, actor_cpus=actor_cpus, start=start_step * self.per,
                                     episode_id=self.episode_id, encoder=(weights, version) if version else None,
-                                    version_of=self.position_version, generative=generative)
+                                    version_of=self.position_version, generative=generative,
+                                    waiting_cpus=worker_cpus)
 
     def episode_id(self, position: int) -> int:
         """The episode id of this worker's `position`-th episode."""
