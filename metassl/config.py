@@ -277,6 +277,9 @@ class GeneratorConfig:
     # CPUs Ray allots a training worker and its actors, shared by the actors (training waits for
     # a refresh, so with one worker and one actor: 2); in process, the process's torch threads.
     refresh_threads: int = 0
+    # cluster with encoder=model: publish an EMA of the network (this rate, in [0, 1); BatchNorm
+    # statistics copied) instead of its last iterate at each refresh; 0: the network itself
+    encoder_momentum: float = 0.0
     cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
     shards: str | None = None  # train on episodes written by `metassl generate` (path or URI) instead
@@ -397,7 +400,7 @@ POSITIVE = [
 ]
 NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
-                "generator.refresh_every", "generator.warmup_steps", "generator.refresh_threads", "objective.ssl_weight", "objective.simclr",
+                "generator.refresh_every", "generator.warmup_steps", "generator.refresh_threads", "generator.encoder_momentum", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
                 "tune.max_failures", "tune.max_minutes", "generator.generative.beta",
                 "generator.generative.max_minutes", "generator.generative.threshold", "generator.generative.noise",
@@ -543,6 +546,13 @@ def _validate(cfg: Config) -> None:
     if g.warmup_steps and not ("cluster" in generator_kinds(cfg) and g.encoder == "model"):
         raise ConfigError(f"generator.warmup_steps={g.warmup_steps} needs generator.kind='cluster' (or a mix "
                           "with cluster) with encoder='model' (it delays clustering the model's embedding)")
+    if g.encoder_momentum and not ("cluster" in generator_kinds(cfg) and g.encoder == "model"
+                                   and (g.refresh_every or g.warmup_steps)):
+        raise ConfigError(f"generator.encoder_momentum={g.encoder_momentum} needs the self-improving loop: "
+                          "generator.kind 'cluster' (or a mix with cluster), encoder 'model', and "
+                          "refresh_every or warmup_steps > 0 (it smooths the encoder each refresh publishes)")
+    if not g.encoder_momentum < 1:
+        raise ConfigError(f"generator.encoder_momentum={g.encoder_momentum} must be in [0, 1)")
     if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
                           f"got {cfg.learner.name!r}")

@@ -21,7 +21,8 @@ from metassl import checkpoint, distributed
 from metassl.config import Config, dump, from_dict, is_audio_config, is_text_config, to_dict, with_values
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, eval_shape, evaluate_model
-from metassl.generate.source import TrainingSource, cpu_weights, encoder_version, uses_model_encoder, with_generative
+from metassl.generate.source import (MomentumEncoder, TrainingSource, cpu_weights, encoder_version, uses_model_encoder,
+                                     with_generative)
 from metassl.generative.fit import needs_generative
 from metassl.meta.functional import INNER_LR
 from metassl.storage import RunStore, is_uri
@@ -34,7 +35,8 @@ from metassl.registry import (build_backbone, build_learner, build_sampler, has_
 _RESUMABLE_CHANGES = ("train", "eval", "tune")
 # Settings that change how episodes are made, never which: a resumed run may change them.
 # `storage` only says where the run directory lives.
-_RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task", "storage")
+_RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task",
+                   "generator.refresh_threads", "storage")
 
 
 def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> None:
@@ -365,6 +367,10 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     # With `warmup_steps` W the first publish is after step W (augment episodes until then).
     gen = cfg.generator
     refresh = uses_model_encoder(cfg)
+    # generator.encoder_momentum: refreshes publish an EMA of the network, kept beside it
+    momentum = MomentumEncoder(params, buffers, gen.encoder_momentum) if refresh and gen.encoder_momentum else None
+    if momentum is not None and resumed is not None:
+        momentum.load_state_dict(resumed[0].get("encoder_momentum"), resumed[1])
     encoder = None
     if refresh:
         saved = resumed[0].get("encoder") if resumed is not None else None
@@ -430,6 +436,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             "encoder": {"weights": encoder[0], "version": encoder[1]} if encoder else None,
             "generative_refit": refit.state_dict() if refit is not None else None,
             "psco": psco.state_dict() if psco is not None else None,
+            "encoder_momentum": momentum.state_dict() if momentum is not None else None,
             **({"tokenizer": vocabulary} if vocabulary is not None else {}),
         })
         if is_best or (val is None and not checkpoint.best_path(run_dir).exists()):
@@ -489,6 +496,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
             distributed.average_buffers_(buffers)  # running statistics stay the same on every worker
             if psco is not None:
                 psco.after_step(params, buffers, psco_projector(head_params))
+            if momentum is not None:
+                momentum.update(params, buffers)
         metrics["grad_norm"] = float(grad_norm)
         step += 1
         window_steps += 1
@@ -496,7 +505,7 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         # which encoder makes an episode never depends on actors, chunks or restarts
         version = encoder_version(cfg, step)
         if refresh and version != encoder_version(cfg, step - 1):  # a refresh point: batch(step) needs it
-            weights = cpu_weights({**params, **buffers})
+            weights = cpu_weights(momentum.weights() if momentum is not None else {**params, **buffers})
             if refit is not None:
                 _refit(refit, gen.generative.refit_steps, step, writer, log)
                 weights = with_generative(weights, refit.weights())

@@ -118,6 +118,48 @@ def test_self_improving_loop_warms_up_on_augment_episodes_then_clusters_the_netw
     assert versions == [None, None, 4, 4, 6, 6]  # published after steps 3 and 5 as version step + 1
 
 
+SELF_IMPROVING = ["generator.kind=cluster", "generator.encoder=model", "generator.warmup_steps=3",
+                  "generator.refresh_every=2", "generator.clusters=20", "generator.partitions=1",
+                  "episodes.n_query=2", "train.checkpoint_every=1", "train.keep_checkpoints=10"]
+
+
+def test_encoder_momentum_publishes_an_ema_of_the_network_and_resumes_with_it(tmp_path):
+    loop = SELF_IMPROVING + ["generator.encoder_momentum=0.5"]
+    run_local(tiny(*loop, steps=6), tmp_path / "whole", log=_quiet)
+    saved = {s: checkpoint.load(checkpoint.step_path(tmp_path / "whole", s)) for s in range(1, 7)}
+    for s in range(2, 7):  # after every step: ema <- m ema + (1 - m) w, buffers copied
+        ema, before = saved[s]["encoder_momentum"], saved[s - 1]["encoder_momentum"]
+        for k, w in saved[s]["params"].items():
+            assert torch.allclose(ema["params"][k], 0.5 * before["params"][k] + 0.5 * w, rtol=0, atol=1e-6), k
+        for k, b in saved[s]["buffers"].items():
+            assert torch.equal(ema["buffers"][k], b), k
+    published = saved[3]["encoder"]  # version 4, published after step 3: the EMA, not the last iterate
+    assert published["version"] == 4
+    for k, v in saved[3]["encoder_momentum"]["params"].items():
+        assert torch.equal(published["weights"][k], v), k
+    assert any(not torch.equal(published["weights"][k], v) for k, v in saved[3]["params"].items())
+
+    run_local(tiny(*loop, steps=3), tmp_path / "split", log=_quiet)  # stops at the first publish ...
+    run_local(tiny(*loop, "generator.refresh_threads=2", steps=6), tmp_path / "split", log=_quiet)  # ... resumes
+    resumed = checkpoint.load(checkpoint.step_path(tmp_path / "split", 6))
+    for part in ("params", "buffers"):
+        for k, v in saved[6][part].items():
+            assert torch.equal(resumed[part][k], v), (part, k)
+            assert torch.equal(resumed["encoder_momentum"][part][k], saved[6]["encoder_momentum"][part][k])
+    for k, v in saved[6]["encoder"]["weights"].items():
+        assert torch.equal(resumed["encoder"]["weights"][k], v), k
+
+    state = checkpoint.load(checkpoint.step_path(tmp_path / "split", 6))  # a checkpoint without the EMA
+    state["encoder_momentum"] = None
+    checkpoint.save(checkpoint.step_path(tmp_path / "split", 6), {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(CheckpointError, match=r"step.*holds no momentum encoder for generator.encoder_momentum=0.5"):
+        run_local(tiny(*loop, steps=7), tmp_path / "split", log=_quiet)
+    with pytest.raises(ConfigError, match="generator.encoder_momentum=0.9 needs the self-improving loop"):
+        tiny("generator.kind=cluster", "generator.encoder_momentum=0.9")
+    with pytest.raises(ConfigError, match=r"generator.encoder_momentum=1.0 must be in \[0, 1\)"):
+        tiny(*SELF_IMPROVING, "generator.encoder_momentum=1.0")
+
+
 def test_warmup_needs_a_model_encoder():
     with pytest.raises(ConfigError, match="generator.warmup_steps=5 needs"):
         tiny("generator.kind=augment", "generator.warmup_steps=5")

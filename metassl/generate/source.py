@@ -53,6 +53,52 @@ def encoder_version(cfg: Config, step: int) -> int:
     return last + 1
 
 
+class MomentumEncoder:
+    """The encoder the self-improving loop publishes with `generator.encoder_momentum` m > 0.
+
+    An EMA of the network's parameters, updated after every step taken (w_ema <- m w_ema
+    + (1 - m) w), with its buffers (BatchNorm's running statistics) copied as they are, as
+    PsCo's momentum network does: clusters of a slowly moving network change less from one
+    refresh to the next than clusters of the last iterate. It starts as the network it is
+    given and holds tensors of its own; `weights()` is what a refresh publishes.
+    """
+
+    def __init__(self, params: dict, buffers: dict, momentum: float):
+        self.momentum = momentum
+        self.params = {k: v.detach().clone() for k, v in params.items()}
+        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict, buffers: dict) -> None:
+        """A step was taken: move toward `params`, copy `buffers`."""
+        for k, v in self.params.items():
+            v.mul_(self.momentum).add_(params[k].detach(), alpha=1 - self.momentum)
+        for k, v in self.buffers.items():
+            v.copy_(buffers[k])
+
+    def weights(self) -> dict:
+        return {**self.params, **self.buffers}
+
+    def state_dict(self) -> dict:
+        return {"params": self.params, "buffers": self.buffers}
+
+    def load_state_dict(self, state: dict, name: str) -> None:
+        """Restore checkpoint `name`'s state; CheckpointError when it has none or it does not fit."""
+        from metassl.errors import CheckpointError
+
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{name} holds no momentum encoder for generator.encoder_momentum="
+                                  f"{self.momentum} (it was saved by a run without one)")
+        for part in ("params", "buffers"):
+            mine, saved = getattr(self, part), state.get(part)
+            if not isinstance(saved, dict) or any(
+                    not isinstance(saved.get(k), torch.Tensor) or saved[k].shape != v.shape for k, v in mine.items()):
+                raise CheckpointError(f"{name}: its momentum encoder's {part} do not fit this run's network")
+            with torch.no_grad():
+                for k, v in mine.items():
+                    v.copy_(saved[k])
+
+
 GENERATIVE = "generative/"  # published weights under this prefix are a refitted generative model's
 
 
