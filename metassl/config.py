@@ -278,7 +278,8 @@ class GeneratorConfig:
     # a refresh, so with one worker and one actor: 2); in process, the process's torch threads.
     refresh_threads: int = 0
     # cluster with encoder=model: publish an EMA of the network (this rate, in [0, 1); BatchNorm
-    # statistics copied) instead of its last iterate at each refresh; 0: the network itself
+    # statistics copied) instead of its last iterate at each refresh; 0: the network itself. The
+    # EMA starts at step 0 from the initial network, whose weight is m^s after s steps
     encoder_momentum: float = 0.0
     cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
@@ -546,13 +547,13 @@ def _validate(cfg: Config) -> None:
     if g.warmup_steps and not ("cluster" in generator_kinds(cfg) and g.encoder == "model"):
         raise ConfigError(f"generator.warmup_steps={g.warmup_steps} needs generator.kind='cluster' (or a mix "
                           "with cluster) with encoder='model' (it delays clustering the model's embedding)")
-    if g.encoder_momentum and not ("cluster" in generator_kinds(cfg) and g.encoder == "model"
-                                   and (g.refresh_every or g.warmup_steps)):
-        raise ConfigError(f"generator.encoder_momentum={g.encoder_momentum} needs the self-improving loop: "
-                          "generator.kind 'cluster' (or a mix with cluster), encoder 'model', and "
-                          "refresh_every or warmup_steps > 0 (it smooths the encoder each refresh publishes)")
     if not g.encoder_momentum < 1:
         raise ConfigError(f"generator.encoder_momentum={g.encoder_momentum} must be in [0, 1)")
+    if g.encoder_momentum and not ("cluster" in generator_kinds(cfg) and g.encoder == "model" and not g.shards
+                                   and (g.refresh_every or g.warmup_steps)):
+        raise ConfigError(f"generator.encoder_momentum={g.encoder_momentum} needs the self-improving loop: "
+                          "generator.kind 'cluster' (or a mix with cluster), encoder 'model', no generator.shards, "
+                          "and refresh_every or warmup_steps > 0 (it smooths the encoder each refresh publishes)")
     if cfg.learner.learn_inner_lr and cfg.learner.name not in ("maml", "fomaml"):
         raise ConfigError(f"learner.learn_inner_lr=true (Meta-SGD) needs learner.name 'maml' or 'fomaml', "
                           f"got {cfg.learner.name!r}")

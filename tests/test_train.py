@@ -139,25 +139,31 @@ def test_encoder_momentum_publishes_an_ema_of_the_network_and_resumes_with_it(tm
         assert torch.equal(published["weights"][k], v), k
     assert any(not torch.equal(published["weights"][k], v) for k, v in saved[3]["params"].items())
 
-    run_local(tiny(*loop, steps=3), tmp_path / "split", log=_quiet)  # stops at the first publish ...
-    run_local(tiny(*loop, "generator.refresh_threads=2", steps=6), tmp_path / "split", log=_quiet)  # ... resumes
-    resumed = checkpoint.load(checkpoint.step_path(tmp_path / "split", 6))
-    for part in ("params", "buffers"):
-        for k, v in saved[6][part].items():
-            assert torch.equal(resumed[part][k], v), (part, k)
-            assert torch.equal(resumed["encoder_momentum"][part][k], saved[6]["encoder_momentum"][part][k])
-    for k, v in saved[6]["encoder"]["weights"].items():
-        assert torch.equal(resumed["encoder"]["weights"][k], v), k
+    for stop in (2, 3):  # resumed during the warm-up (nothing published yet) and after the first publish
+        run_local(tiny(*loop, steps=stop), tmp_path / f"split{stop}", log=_quiet)
+        run_local(tiny(*loop, "generator.refresh_threads=2", steps=6), tmp_path / f"split{stop}", log=_quiet)
+        resumed = checkpoint.load(checkpoint.step_path(tmp_path / f"split{stop}", 6))
+        for part in ("params", "buffers"):
+            for k, v in saved[6][part].items():
+                assert torch.equal(resumed[part][k], v), (stop, part, k)
+                assert torch.equal(resumed["encoder_momentum"][part][k], saved[6]["encoder_momentum"][part][k])
+        for k, v in saved[6]["encoder"]["weights"].items():
+            assert torch.equal(resumed["encoder"]["weights"][k], v), (stop, k)
 
-    state = checkpoint.load(checkpoint.step_path(tmp_path / "split", 6))  # a checkpoint without the EMA
+    state = checkpoint.load(checkpoint.step_path(tmp_path / "split3", 6))  # a checkpoint without the EMA
     state["encoder_momentum"] = None
-    checkpoint.save(checkpoint.step_path(tmp_path / "split", 6), {k: v for k, v in state.items() if k != "format"})
+    checkpoint.save(checkpoint.step_path(tmp_path / "split3", 6), {k: v for k, v in state.items() if k != "format"})
     with pytest.raises(CheckpointError, match=r"step.*holds no momentum encoder for generator.encoder_momentum=0.5"):
-        run_local(tiny(*loop, steps=7), tmp_path / "split", log=_quiet)
+        run_local(tiny(*loop, steps=7), tmp_path / "split3", log=_quiet)
     with pytest.raises(ConfigError, match="generator.encoder_momentum=0.9 needs the self-improving loop"):
         tiny("generator.kind=cluster", "generator.encoder_momentum=0.9")
     with pytest.raises(ConfigError, match=r"generator.encoder_momentum=1.0 must be in \[0, 1\)"):
         tiny(*SELF_IMPROVING, "generator.encoder_momentum=1.0")
+    with pytest.raises(ConfigError, match=r"generator.encoder_momentum=1.5 must be in \[0, 1\)"):
+        tiny("generator.encoder_momentum=1.5")
+    with pytest.raises(ConfigError, match="generator.encoder_momentum=0.5 needs .* no generator.shards"):
+        tiny(*SELF_IMPROVING[:2], "generator.refresh_every=2", "generator.shards=episodes/",
+             "generator.encoder_momentum=0.5")
 
 
 def test_warmup_needs_a_model_encoder():

@@ -9,6 +9,7 @@ the same episodes; the settings change how episodes are made, never which.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -241,7 +242,7 @@ class TrainingSource:
             self.pool = EpisodePool(cfg, images, actors=actors, actor_cpus=actor_cpus, start=start_step * self.per,
                                     episode_id=self.episode_id, encoder=(weights, version) if version else None,
                                     version_of=self.position_version, generative=generative,
-                                    waiting_cpus=worker_cpus)
+                                    waiting_cpus=math.ceil(worker_cpus - 1e-9))  # a tuning trial's 0.9: its core
 
     def episode_id(self, position: int) -> int:
         """The episode id of this worker's `position`-th episode."""
