@@ -281,6 +281,9 @@ class GeneratorConfig:
     # statistics copied) instead of its last iterate at each refresh; 0: the network itself. The
     # EMA starts at step 0 from the initial network, whose weight is m^s after s steps
     encoder_momentum: float = 0.0
+    # cluster: episodes draw each cluster's members from its core, the ceil(this share) of them
+    # nearest the cluster's mean embedding (in (0, 1]; 1: every member)
+    core_fraction: float = 1.0
     cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image
     shards: str | None = None  # train on episodes written by `metassl generate` (path or URI) instead
@@ -549,6 +552,11 @@ def _validate(cfg: Config) -> None:
                           "with cluster) with encoder='model' (it delays clustering the model's embedding)")
     if not g.encoder_momentum < 1:
         raise ConfigError(f"generator.encoder_momentum={g.encoder_momentum} must be in [0, 1)")
+    if not 0 < g.core_fraction <= 1:
+        raise ConfigError(f"generator.core_fraction={g.core_fraction} must be in (0, 1]")
+    if g.core_fraction < 1 and "cluster" not in generator_kinds(cfg):
+        raise ConfigError(f"generator.core_fraction={g.core_fraction} needs generator.kind 'cluster' "
+                          "(or a mix with cluster)")
     if g.encoder_momentum and not ("cluster" in generator_kinds(cfg) and g.encoder == "model" and not g.shards
                                    and (g.refresh_every or g.warmup_steps)):
         raise ConfigError(f"generator.encoder_momentum={g.encoder_momentum} needs the self-improving loop: "

@@ -348,7 +348,8 @@ def build_generator(cfg: Config, images: torch.Tensor, encoder: tuple[dict, int]
                                    partitions=g.partitions, seed=seed, embed=embed, embedding_dim=g.embedding_dim,
                                    augment=augment if g.cluster_views else None, ssl_views=g.ssl_views,
                                    ssl_augment=augment, encoder_version=version,
-                                   threads=g.refresh_threads or torch.get_num_threads())
+                                   threads=g.refresh_threads or torch.get_num_threads(),
+                                   core_fraction=g.core_fraction)
 
         embed, version = (model_embedder(cfg, encoder[0]), encoder[1]) if encoder else (None, 0)
         if g.warmup_steps:  # augment episodes until the trainer publishes the network

@@ -323,6 +323,52 @@ def test_cluster_errors():
         ClusterEpisodes(pool, 2, 1, 1, clusters=4, partitions=1, embed=lambda x: x)
 
 
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")
+def test_core_fraction_draws_only_the_members_nearest_each_cluster_mean():
+    # 6 clusters of 10 points in a 2-D embedding: in each, 6 lie within 0.1 of the centre and 4 far out
+    # (5 to 8 away, still nearest their own centre), so k-means finds the 6 and the core of 0.55
+    # (ceil(5.5) = 6 members) is exactly the near points
+    g = gen(1)
+    pool = torch.rand(60, 1, 4, 4, generator=g)
+    centre = torch.stack([100 * torch.arange(6.0), torch.zeros(6)], 1).repeat_interleave(10, 0)
+    far = torch.tensor([i % 10 >= 6 for i in range(60)])
+    angle = 2 * torch.pi * torch.rand(60, generator=g)
+    radius = torch.where(far, 5 + 3 * torch.rand(60, generator=g), 0.1 * torch.rand(60, generator=g))
+    embeddings = centre + radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
+    seen = {}
+    for fraction in (1.0, 0.55):
+        generator = ClusterEpisodes(pool, 3, 1, 2, clusters=6, partitions=1, seed=0, embedding_dim=4,
+                                    core_fraction=fraction)
+        generator.set_embeddings(embeddings, version=1)
+        kept = np.sort(np.concatenate(generator.members[0]))
+        assert len(generator.members[0]) == 6
+        rows = set()
+        for i in range(200):
+            _, _, support, query = generator.episode_indices(i)
+            rows |= set(support.tolist()) | set(query.tolist())
+        seen[fraction] = rows
+        if fraction == 1.0:
+            assert kept.tolist() == list(range(60))
+        else:
+            assert kept.tolist() == np.flatnonzero(~far.numpy()).tolist()
+    assert seen[1.0] == set(range(60))  # every member, far ones included, gets drawn
+    assert seen[0.55] == set(np.flatnonzero(~far.numpy()).tolist())  # only the cores
+    # a core too small for k_shot + n_query = 3, and a fraction out of range, are refused
+    small = ClusterEpisodes(pool, 3, 1, 2, clusters=6, partitions=1, seed=0, embedding_dim=4, core_fraction=0.2)
+    with pytest.raises(DataError, match=r"k_shot \+ n_query = 3 images \(core_fraction=0.2\).*larger core_fraction"):
+        small.set_embeddings(embeddings, version=1)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(DataError, match=r"core_fraction=.* must be in \(0, 1\]"):
+            ClusterEpisodes(pool, 3, 1, 2, clusters=6, partitions=1, embedding_dim=4, core_fraction=bad)
+    cfg = self_improving(0, 0, "generator.core_fraction=0.5")
+    assert cfg.generator.core_fraction == 0.5
+    for bad, message in (("0", r"must be in \(0, 1\]"), ("1.5", r"must be in \(0, 1\]"),):
+        with pytest.raises(ConfigError, match=rf"generator.core_fraction={bad}.* {message}"):
+            self_improving(0, 0, f"generator.core_fraction={bad}")
+    with pytest.raises(ConfigError, match="generator.core_fraction=0.5 needs generator.kind 'cluster'"):
+        config.load("experiments/digits_protonet.yaml", ["generator.kind=augment", "generator.core_fraction=0.5"])
+
+
 # --- encoder versions: episodes are a function of the config ----------------------------
 
 SELF_IMPROVING = ["generator.kind=cluster", "generator.encoder=model", "generator.clusters=12",

@@ -117,11 +117,30 @@ def kmeans_partitions(embeddings: np.ndarray, clusters: int, partitions: int, se
     return np.stack(runs)
 
 
-def eligible_clusters(labels: np.ndarray, clusters: int, min_size: int) -> list[np.ndarray]:
-    """Returns the member rows (sorted int64 arrays) of each cluster in `labels` [M] with >= min_size members."""
+def eligible_clusters(labels: np.ndarray, clusters: int, min_size: int, embeddings: np.ndarray | None = None,
+                      core_fraction: float = 1.0) -> list[np.ndarray]:
+    """Returns the member rows (sorted int64 arrays) of each cluster in `labels` [M] with >= min_size members.
+
+    With `core_fraction` < 1, a cluster's members are first cut to its core: the
+    ceil(core_fraction * size) rows of `embeddings` [M, D] nearest the mean of the cluster
+    (ties by row), and the core must hold min_size rows. Members far from the mean are
+    the likeliest to belong to another class, so the core is a cleaner pseudo-class.
+    """
     order = np.argsort(labels, kind="stable")
     groups = np.split(order, np.cumsum(np.bincount(labels, minlength=clusters))[:-1])
+    if core_fraction < 1:
+        groups = [_core(rows, embeddings, core_fraction) for rows in groups]
     return [rows for rows in groups if len(rows) >= min_size]
+
+
+def _core(rows: np.ndarray, embeddings: np.ndarray, fraction: float) -> np.ndarray:
+    """The ceil(fraction * len(rows)) of `rows` whose embeddings lie nearest their mean, sorted."""
+    if len(rows) == 0:
+        return rows
+    points = embeddings[rows].astype(np.float64)
+    distance = ((points - points.mean(axis=0)) ** 2).sum(axis=1)
+    keep = int(np.ceil(fraction * len(rows) - 1e-9))
+    return np.sort(rows[np.argsort(distance, kind="stable")[:keep]])
 
 
 class ClusterEpisodes(RecordSource):
@@ -136,14 +155,16 @@ class ClusterEpisodes(RecordSource):
     defaults when it is None). `threads` chunks of the pool (embedding) and k-means runs
     (clustering) go side by side, each on one thread: the partitions are the same for any value,
     provided `embed` (and each encoder `set_encoder` gets) may be called from several threads at
-    once, as `registry.model_embedder`'s may.
+    once, as `registry.model_embedder`'s may. With `core_fraction` < 1, episodes draw each
+    cluster's members from its core only (see `eligible_clusters`).
     """
 
     def __init__(self, images: torch.Tensor, n_way: int, k_shot: int, n_query: int, *,
                  clusters: int, partitions: int, seed: int = 0,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None, embedding_dim: int = 64,
                  augment: AugmentConfig | None = None, ssl_views: bool = False,
-                 ssl_augment: AugmentConfig | None = None, encoder_version: int = 0, threads: int = 1):
+                 ssl_augment: AugmentConfig | None = None, encoder_version: int = 0, threads: int = 1,
+                 core_fraction: float = 1.0):
         self.images = check_pool(images)
         self.n_way = check_int("n_way", n_way, 2)
         self.k_shot = check_int("k_shot", k_shot, 1)
@@ -152,6 +173,9 @@ class ClusterEpisodes(RecordSource):
         self.partitions = check_int("partitions", partitions, 1)
         self.seed = check_int("seed", seed, 0)
         self.threads = check_int("threads", threads, 1)
+        self.core_fraction = float(core_fraction)
+        if not 0 < self.core_fraction <= 1:
+            raise DataError(f"core_fraction={core_fraction} must be in (0, 1]")
         episode_seed(self.seed, 0)  # checks seed < 2**32
         if not self.n_way <= self.clusters <= len(images):
             raise DataError(f"clusters={self.clusters} must lie between n_way={self.n_way} and the "
@@ -187,17 +211,20 @@ class ClusterEpisodes(RecordSource):
             raise DataError("embeddings contain NaN or infinite values; the encoder has diverged")
         labels = kmeans_partitions(embeddings.numpy(), self.clusters, self.partitions, self.seed, self.threads)
         needed = self.k_shot + self.n_query
-        members = [eligible_clusters(row, self.clusters, needed) for row in labels]
+        members = [eligible_clusters(row, self.clusters, needed, embeddings.numpy(), self.core_fraction)
+                   for row in labels]
         for p, groups in enumerate(members):
             if len(groups) < self.n_way:
+                core = f" (core_fraction={self.core_fraction})" if self.core_fraction < 1 else ""
                 raise DataError(
                     f"k-means partition {p} with clusters={self.clusters} has only {len(groups)} clusters "
-                    f"of at least k_shot + n_query = {needed} images, but an episode needs "
+                    f"of at least k_shot + n_query = {needed} images{core}, but an episode needs "
                     f"n_way={self.n_way}; use fewer clusters or a smaller k_shot + n_query"
+                    + (" or a larger core_fraction" if core else "")
                 )
         self.embeddings = embeddings  # [M, D]
         self.labels = labels  # [P, M] cluster of each image in each partition
-        self.members = members  # members[p]: rows of the eligible clusters of partition p
+        self.members = members  # members[p]: rows (the cores) of the eligible clusters of partition p
         self.encoder_version = version
 
     def _draw(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, int]:
