@@ -281,8 +281,9 @@ class GeneratorConfig:
     # statistics copied) instead of its last iterate at each refresh; 0: the network itself. The
     # EMA starts at step 0 from the initial network, whose weight is m^s after s steps
     encoder_momentum: float = 0.0
-    # cluster: episodes draw each cluster's members from its core, the ceil(this share) of them
-    # nearest the cluster's mean embedding (in (0, 1]; 1: every member)
+    # cluster: episodes draw each cluster's members from its core, its ceil(core_fraction x size)
+    # members nearest its mean embedding (in (0, 1]; 1: every member); a cluster whose core is
+    # smaller than k_shot + n_query makes no episodes
     core_fraction: float = 1.0
     cluster_views: bool = False  # cluster: show random views (generator.augment) instead of raw images
     ssl_views: bool = False  # also emit two augmented views (SimCLR) and rotated copies per episode image

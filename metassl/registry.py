@@ -366,7 +366,8 @@ def mix_member(cfg: Config, kind: str) -> Config:
     """The config of one member of a mix: the self-improving settings stay with the cluster member
     (a refit is the trainer's: its decoder reaches the generative member with the encoder)."""
     import dataclasses
-    loop = {} if kind == "cluster" else {"warmup_steps": 0, "refresh_every": 0, "encoder": "pca"}
+    loop = {} if kind == "cluster" else {"warmup_steps": 0, "refresh_every": 0, "encoder": "pca",
+                                         "encoder_momentum": 0.0, "core_fraction": 1.0}
     generative = dataclasses.replace(cfg.generator.generative, refit_steps=0)
     return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, kind=kind, mix={},
                                                                   generative=generative, **loop))

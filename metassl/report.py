@@ -432,7 +432,7 @@ def _config_rows(run: Run) -> list[tuple[str, str]]:
     kinds = g.mix if g.kind == "mix" else {g.kind: 1}
     generator = g.kind + (f" {dict(g.mix)}" if g.kind == "mix" else "")
     generator += (f", {g.clusters} clusters x {g.partitions} partitions, encoder {g.encoder}"
-                  + (f", cores of {g.core_fraction:g}" if g.core_fraction < 1 else "")
+                  + (f", core fraction {g.core_fraction:g}" if g.core_fraction < 1 else "")
                   if "cluster" in kinds else "")
     generator += (f", {g.generative.model} (latent {g.generative.latent_dim}, LASIUM-{g.generative.strategy.upper()})"
                   if "generative" in kinds else "") + (f", shards {g.shards}" if g.shards else "")

@@ -353,12 +353,12 @@ def test_core_fraction_draws_only_the_members_nearest_each_cluster_mean():
             assert kept.tolist() == np.flatnonzero(~far.numpy()).tolist()
     assert seen[1.0] == set(range(60))  # every member, far ones included, gets drawn
     assert seen[0.55] == set(np.flatnonzero(~far.numpy()).tolist())  # only the cores
-    # a core too small for k_shot + n_query = 3, and a fraction out of range, are refused
-    small = ClusterEpisodes(pool, 3, 1, 2, clusters=6, partitions=1, seed=0, embedding_dim=4, core_fraction=0.2)
+    # a core too small for k_shot + n_query = 3 (ceil(0.2 * 10) = 2), and a fraction out of range, are refused
+    planted = lambda x: embeddings[: len(x)]  # noqa: E731  (the whole pool is one chunk)
     with pytest.raises(DataError, match=r"k_shot \+ n_query = 3 images \(core_fraction=0.2\).*larger core_fraction"):
-        small.set_embeddings(embeddings, version=1)
-    for bad in (0.0, 1.5, float("nan")):
-        with pytest.raises(DataError, match=r"core_fraction=.* must be in \(0, 1\]"):
+        ClusterEpisodes(pool, 3, 1, 2, clusters=6, partitions=1, seed=0, embed=planted, core_fraction=0.2)
+    for bad in (0.0, 1.5, float("nan"), "0.5", True, None):
+        with pytest.raises(DataError, match=r"core_fraction.* must be .*\(0, 1\]"):
             ClusterEpisodes(pool, 3, 1, 2, clusters=6, partitions=1, embedding_dim=4, core_fraction=bad)
     cfg = self_improving(0, 0, "generator.core_fraction=0.5")
     assert cfg.generator.core_fraction == 0.5
@@ -367,6 +367,29 @@ def test_core_fraction_draws_only_the_members_nearest_each_cluster_mean():
             self_improving(0, 0, f"generator.core_fraction={bad}")
     with pytest.raises(ConfigError, match="generator.core_fraction=0.5 needs generator.kind 'cluster'"):
         config.load("experiments/digits_protonet.yaml", ["generator.kind=augment", "generator.core_fraction=0.5"])
+
+
+def test_core_of_a_cluster_rounds_up_and_breaks_ties_by_row():
+    from metassl.generate.cluster import eligible_clusters
+    # one cluster of 10 rows on a line; rows 0 and 9 tie (both 4.5 from the mean), as do 1 and 8, ...
+    line = np.arange(10.0)[:, None]
+    labels = np.zeros(10, dtype=np.int64)
+    (core,) = eligible_clusters(labels, 1, 1, line, 0.7)  # 0.7 * 10 is 7.000000000000001 in floats: 7 rows
+    assert core.tolist() == [1, 2, 3, 4, 5, 6, 7]  # the 6 nearest, then row 1 before row 8
+    (core,) = eligible_clusters(labels, 1, 1, line, 0.25)  # ceil(2.5) = 3: rows 4 and 5, then 3 before 6
+    assert core.tolist() == [3, 4, 5]
+    assert eligible_clusters(labels, 1, 4, line, 0.25) == []  # a core smaller than min_size makes no class
+
+
+def test_a_mix_keeps_the_cluster_settings_with_its_cluster_member():
+    from metassl.registry import build_generator, mix_member
+    cfg = self_improving(2, 2, "generator.kind=mix", "generator.mix={cluster: 0.5, augment: 0.5}",
+                         "generator.core_fraction=0.5", "generator.encoder_momentum=0.9")
+    augment, cluster = mix_member(cfg, "augment").generator, mix_member(cfg, "cluster").generator
+    assert (augment.core_fraction, augment.encoder_momentum) == (1.0, 0.0)
+    assert (cluster.core_fraction, cluster.encoder_momentum) == (0.5, 0.9)
+    pool, _ = blobs(per_class=10)
+    assert build_generator(cfg, pool).record(0).episode.support_x.shape[0] == 3
 
 
 # --- encoder versions: episodes are a function of the config ----------------------------

@@ -173,6 +173,8 @@ class ClusterEpisodes(RecordSource):
         self.partitions = check_int("partitions", partitions, 1)
         self.seed = check_int("seed", seed, 0)
         self.threads = check_int("threads", threads, 1)
+        if isinstance(core_fraction, bool) or not isinstance(core_fraction, (int, float)):
+            raise DataError(f"core_fraction must be a number in (0, 1], got {core_fraction!r}")
         self.core_fraction = float(core_fraction)
         if not 0 < self.core_fraction <= 1:
             raise DataError(f"core_fraction={core_fraction} must be in (0, 1]")
