@@ -503,6 +503,8 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
         window_steps += 1
         # the refresh schedule is a function of the step (generate.source.encoder_version), so
         # which encoder makes an episode never depends on actors, chunks or restarts
+        out_of_time = distributed.any_true(time.perf_counter() > deadline)
+        last = step == cfg.train.steps or out_of_time
         version = encoder_version(cfg, step)
         if refresh and version != encoder_version(cfg, step - 1):  # a refresh point: batch(step) needs it
             weights = cpu_weights(momentum.weights() if momentum is not None else {**params, **buffers})
@@ -510,9 +512,10 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
                 _refit(refit, gen.generative.refit_steps, step, writer, log)
                 weights = with_generative(weights, refit.weights())
             encoder = (weights, version)
-            train_tasks.refresh_encoder(*encoder)
-        out_of_time = distributed.any_true(time.perf_counter() > deadline)
-        last = step == cfg.train.steps or out_of_time
+            # After the last step no batch needs it: the checkpoint keeps it for a resumed run,
+            # and the generators are spared a re-clustering beside the final evaluation.
+            if not last:
+                train_tasks.refresh_encoder(*encoder)
         log_now = step % cfg.train.log_every == 0 or last
         val_now = last or (cfg.train.val_every and step % cfg.train.val_every == 0)
         ckpt_now = val_now or step % cfg.train.checkpoint_every == 0

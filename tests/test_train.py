@@ -118,6 +118,27 @@ def test_self_improving_loop_warms_up_on_augment_episodes_then_clusters_the_netw
     assert versions == [None, None, 4, 4, 6, 6]  # published after steps 3 and 5 as version step + 1
 
 
+def test_the_last_step_keeps_its_encoder_for_a_resume_without_handing_it_to_the_generators(tmp_path, monkeypatch):
+    from metassl.generate.source import TrainingSource
+
+    handed = []
+    original = TrainingSource.refresh_encoder
+    monkeypatch.setattr(TrainingSource, "refresh_encoder",
+                        lambda self, state, version: (handed.append(version), original(self, state, version))[1])
+    loop = SELF_IMPROVING + ["generator.cluster_views=true"]
+    run_local(tiny(*loop, steps=5), tmp_path / "split", log=_quiet)  # refresh points: after steps 3 and 5
+    assert handed == [4]  # version 6 is made after the last step, when no batch needs it
+    assert checkpoint.load(checkpoint.step_path(tmp_path / "split", 5))["encoder"]["version"] == 6
+    handed.clear()
+    run_local(tiny(*loop, steps=7), tmp_path / "split", log=_quiet)  # the resumed run starts with version 6
+    assert handed == []  # it came from the checkpoint; the next refresh point (7) is the last step again
+    run_local(tiny(*loop, steps=7), tmp_path / "whole", log=_quiet)
+    assert handed == [4, 6]
+    split, whole = (checkpoint.load(checkpoint.step_path(tmp_path / d, 7)) for d in ("split", "whole"))
+    for k, v in whole["params"].items():
+        assert torch.equal(split["params"][k], v), k
+
+
 SELF_IMPROVING = ["generator.kind=cluster", "generator.encoder=model", "generator.warmup_steps=3",
                   "generator.refresh_every=2", "generator.clusters=20", "generator.partitions=1",
                   "episodes.n_query=2", "train.checkpoint_every=1", "train.keep_checkpoints=10"]
