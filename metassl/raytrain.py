@@ -222,6 +222,18 @@ def check_storage_reaches_nodes(location: str | Path, what: str = "the run direc
             f"or pass a URI as {option} (e.g. {option} s3://bucket/prefix/NAME)")
 
 
+def check_worker_share(cfg: Config, workers: int, fit: bool = False) -> None:
+    """Raise ConfigError unless `workers` Ray Train workers can split the run's batches evenly:
+    the meta-batch (`metassl train`), or the generative model's batch (`fit=True`: fit-generative)."""
+    if workers < 1:
+        raise ConfigError(f"--workers={workers} must be >= 1")
+    key, value = (("generator.generative.batch_size", cfg.generator.generative.batch_size) if fit
+                  else ("episodes.meta_batch", cfg.episodes.meta_batch))
+    if value % workers:
+        raise ConfigError(f"{key}={value} must be a multiple of --workers={workers} (each worker takes an "
+                          f"equal share; --workers 1 runs any config)")
+
+
 def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str | None = None,
             log=print, final_eval: bool = True, callbacks: list | None = None, worker_cpus: float = 1.0,
             placement: str = "PACK", quiet: bool = False) -> dict:
@@ -240,9 +252,7 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
         raise ConfigError(f"--workers={workers} must be >= 1")
     if placement not in PLACEMENTS:
         raise ConfigError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
-    if cfg.episodes.meta_batch % workers:
-        raise ConfigError(f"episodes.meta_batch={cfg.episodes.meta_batch} must be a multiple of "
-                          f"--workers={workers} (each worker takes an equal share)")
+    check_worker_share(cfg, workers)
     from metassl.generative.fit import fit_stage, generative_location
 
     store = RunStore(run_dir)  # a local folder, or a URI mirrored locally
@@ -279,11 +289,7 @@ def run_ray_fit(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: 
     a local Ray instance started here gets at least `min_cpus` logical CPUs (for what runs next)."""
     from metassl.registry import load_unlabelled
 
-    if workers < 1:
-        raise ConfigError(f"--workers={workers} must be >= 1")
-    if cfg.generator.generative.batch_size % workers:
-        raise ConfigError(f"generator.generative.batch_size={cfg.generator.generative.batch_size} must be a "
-                          f"multiple of --workers={workers} (each worker takes an equal share)")
+    check_worker_share(cfg, workers, fit=True)
     store = RunStore(run_dir)
     store.pull()
     load_unlabelled(cfg)  # a bad dataset fails here, not in the workers

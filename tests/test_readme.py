@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from metassl import config
+from metassl.errors import ConfigError
 from metassl.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ COMMANDS = {
     "metassl fit-generative experiments/omniglot_lasium_protonet.yaml --run-dir runs/omniglot_vae":
         ("run", ["--backend", "local", "--set", "generator.generative.steps=2", "--set", "generator.generative.hidden=8",
                  "--set", "train.threads=1"]),  # on Ray: tests/test_generative.py
-    "metassl train experiments/omniglot_lasium_protonet.yaml --set generator.generative.checkpoint=runs/omniglot_vae":
+    "metassl train experiments/omniglot_lasium_protonet.yaml --workers 1 --set generator.generative.checkpoint=runs/omniglot_vae":
         ("covered", "tests/test_generative.py::test_train_fits_the_generative_model_once_or_uses_the_one_named"),
     # two runs and --out, on make run's experiment at a tiny size
     "metassl report runs/omniglot_umtra_protonet runs/omniglot_cactus_protonet --out runs/umtra_vs_cactus.png":
@@ -190,6 +191,41 @@ def test_readme_metassl_commands_parse_and_their_configs_load(command):
     args = build_parser().parse_args(shlex.split(command)[1:])
     if getattr(args, "config", None) is not None:
         config.load(REPO / args.config, args.set)
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(where, command) of every `metassl train | fit-generative` command a user is shown: README.md's
+    blocks and the usage lines at the top of each experiments/*.yaml."""
+    found = [("README.md", c) for c in readme_commands(README.read_text())]
+    for path in sorted((REPO / "experiments").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break  # the usage lines are in the header comment
+            text = line.lstrip("# ").strip()
+            if text.startswith("metassl "):
+                found.append((path.name, " ".join(shlex.split(text.replace("[", " ").replace("]", " ")))))
+    return [(where, c) for where, c in found if c.split()[1] in ("train", "fit-generative")]
+
+
+def test_documented_commands_split_their_batches_over_their_workers():
+    """A documented command must not fail at once with "meta_batch=1 must be a multiple of
+    --workers=2": a config whose (meta-)batch is odd names `--workers 1` in its usage line."""
+    from metassl.raytrain import check_worker_share
+
+    commands = documented_commands()
+    assert any(where.endswith(".yaml") for where, _ in commands) and any(w == "README.md" for w, _ in commands)
+    wrong = []
+    for where, command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        if getattr(args, "backend", "ray") != "ray":
+            continue
+        sets = [s for s in args.set if not s.startswith("data.dataset=clinc150:")]
+        cfg = config.load(REPO / args.config if args.config else None, sets)
+        try:
+            check_worker_share(cfg, args.workers, fit=args.command == "fit-generative")
+        except ConfigError as err:
+            wrong.append(f"{where}: {command}: {err}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_covered_and_ci_commands_name_what_runs_them():
