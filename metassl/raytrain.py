@@ -248,8 +248,6 @@ def run_ray(cfg: Config, run_dir: str | Path, *, workers: int = 2, address: str 
     nothing of Ray's; Ray's messages go to `ray.log` in the run directory and workers'
     output to Ray's log folder, both named on the console.
     """
-    if workers < 1:
-        raise ConfigError(f"--workers={workers} must be >= 1")
     if placement not in PLACEMENTS:
         raise ConfigError(f"placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
     check_worker_share(cfg, workers)

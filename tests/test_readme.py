@@ -219,8 +219,7 @@ def test_documented_commands_split_their_batches_over_their_workers():
         args = build_parser().parse_args(shlex.split(command)[1:])
         if getattr(args, "backend", "ray") != "ray":
             continue
-        sets = [s for s in args.set if not s.startswith("data.dataset=clinc150:")]
-        cfg = config.load(REPO / args.config if args.config else None, sets)
+        cfg = config.load(REPO / args.config if args.config else None, args.set)
         try:
             check_worker_share(cfg, args.workers, fit=args.command == "fit-generative")
         except ConfigError as err:
