@@ -29,7 +29,7 @@ from metassl.config import load as load_config
 from metassl.data.episodes import Episode
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, evaluate_model
-from metassl.registry import is_regression
+from metassl.registry import build_learner, is_regression
 from metassl.storage import is_uri, join
 from metassl.trainer import load_trained, run_local
 
@@ -307,13 +307,14 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
              n_way: int | None = None, k_shot: int | None = None, n_query: int | None = None,
              episodes: int | None = None, seed: int | None = None, inner_steps: int | None = None,
              dataset: str | None = None, protocol: str | None = None, class_split: str | None = None,
-             disjoint_groups: bool | None = None) -> EvalResult:
+             disjoint_groups: bool | None = None, features: str | None = None) -> EvalResult:
     """Evaluate on fixed-seed held-out episodes, as `metassl eval`; unset options take the run's `eval` config.
 
     `dataset` is a spec like `--data` (`omniglot:PATH`, `imagefolder:PATH`, ...); `protocol`
     (omniglot) is `supervised`, `unsupervised` or `psco`; `class_split` replaces `data.class_split`
     (arabic_speech_commands: `speakers` makes few-shot speaker identification of the same model);
-    `disjoint_groups` replaces `eval.disjoint_groups` (support and queries from disjoint speakers).
+    `disjoint_groups` replaces `eval.disjoint_groups` (support and queries from disjoint speakers);
+    `features` replaces `eval.features` (`raw` or `l2`: the embeddings a metric learner compares).
     """
     for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query), ("episodes", episodes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -322,7 +323,8 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
         raise ConfigError(f"inner_steps={inner_steps} must be >= 0")
     for name, value, valid in (("split", split, CHOICES["eval.split"]),
                                ("protocol", protocol, CHOICES["data.protocol"]),
-                               ("class_split", class_split, CHOICES["data.class_split"])):
+                               ("class_split", class_split, CHOICES["data.class_split"]),
+                               ("features", features, CHOICES["eval.features"])):
         if value is not None and value not in valid:
             raise ConfigError(f"{name}={value!r} is not one of {list(valid)}")
     if isinstance(run_or_path, Learner):
@@ -337,6 +339,9 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, protocol=protocol))
     if class_split:
         cfg = with_values(cfg, {"data.class_split": class_split})  # validated as any config change
+    if features:
+        cfg = with_values(cfg, {"eval.features": features})  # refused for learners with an inner loop
+        learner = build_learner(cfg)  # metric learners hold no weights: the same learner, another view
     return evaluate_model(
         cfg, learner, model, params, buffers, split=split or cfg.eval.split,
         episodes=episodes or cfg.eval.episodes, seed=cfg.eval.seed if seed is None else seed,

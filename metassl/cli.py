@@ -80,7 +80,8 @@ def _eval(args) -> int:
     # Options left unset take the run's `eval` config, so `metassl eval RUN` repeats result.json.
     res = evaluate(args.checkpoint, split=args.split, n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query,
                    episodes=args.episodes, seed=args.seed, inner_steps=args.inner_steps, dataset=args.data,
-                   protocol=args.protocol, class_split=args.class_split, disjoint_groups=args.disjoint_groups)
+                   protocol=args.protocol, class_split=args.class_split, disjoint_groups=args.disjoint_groups,
+                   features=args.features)
     print(json.dumps(res.to_dict()) if args.json else res.summary())
     return 0
 
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support and queries from disjoint halves of the speakers, drawn per episode "
                         "(default: the run's eval.disjoint_groups)")
     e.add_argument("--split", choices=["train", "val", "test"], help="default: the run's eval.split")
+    e.add_argument("--features", choices=["raw", "l2"],
+                   help="embeddings ProtoNet compares: raw, or l2 (unit length) (default: the run's eval.features)")
     e.add_argument("--n-way", type=_positive)
     e.add_argument("--k-shot", type=_positive)
     e.add_argument("--n-query", type=_positive)

@@ -317,6 +317,10 @@ class EvalConfig:
     # support and queries from disjoint halves of the split's groups, drawn per episode (audio: the
     # speakers of arabic_speech_commands' keywords, or its keywords when the speakers are the classes)
     disjoint_groups: bool = False
+    # the embeddings ProtoNet and Matching Networks compare at test time (validation included):
+    # raw (as in training) or l2 (each embedding scaled to unit length before the prototypes
+    # are averaged and distances taken; Matching Networks' cosine is unchanged by it)
+    features: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -366,6 +370,7 @@ class Config:
         _validate(self)
 
 
+METRIC_LEARNERS = ("protonet", "matchingnet")  # no inner loop: they compare embeddings
 CHOICES = {
     "model.backbone": ("conv4", "mlp", "transformer", "audio"),
     "model.context_net": ("gru", "none"),
@@ -378,6 +383,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "data.protocol": ("supervised", "unsupervised", "psco"),
     "eval.split": ("train", "val", "test"),
+    "eval.features": ("raw", "l2"),
     "generator.kind": ("labelled", "augment", "cluster", "generative", "mix", "smlmt"),
     "generator.generative.model": ("vae", "gan"),
     "generator.generative.decoder": ("bernoulli", "gaussian"),
@@ -542,6 +548,10 @@ def _validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) is not None and _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    if cfg.eval.features != "raw" and cfg.learner.name not in METRIC_LEARNERS:
+        raise ConfigError(f"eval.features={cfg.eval.features!r} applies to the embeddings of metric learners "
+                          f"({', '.join(METRIC_LEARNERS)}); learner.name={cfg.learner.name!r} classifies with "
+                          "adapted weights: leave eval.features 'raw'")
     if cfg.tune.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor={cfg.tune.reduction_factor} must be >= 2 (ASHA keeps 1/rf per rung)")
     if cfg.generator.actors < -1:

@@ -37,7 +37,8 @@ class EvalResult:
         else:
             head = f"{p.get('dataset')} {p.get('split')} {p.get('k_shot')}-shot: MSE {self.mean:.4f} +- {self.ci95:.4f}"
         disjoint = f", support and queries from disjoint {p['disjoint_groups']}" if p.get("disjoint_groups") else ""
-        lines = [f"{head} ({self.episodes} episodes, seed {p.get('seed')}, norm {p.get('norm_mode')}{disjoint})"]
+        features = f", {p['features']} embeddings" if p.get("features", "raw") != "raw" else ""
+        lines = [f"{head} ({self.episodes} episodes, seed {p.get('seed')}, norm {p.get('norm_mode')}{features}{disjoint})"]
         for k, v in self.extra.items():
             lines.append(f"  {k}: {v:.4f} " if isinstance(v, float) else f"  {k}: {v}")
         return "\n".join(lines)
@@ -154,7 +155,7 @@ def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Para
         for i, (_, support, query) in enumerate(picks):
             s = z[torch.from_numpy(np.searchsorted(rows, support))]
             q = z[torch.from_numpy(np.searchsorted(rows, query))]
-            out = learner.from_embeddings(s[None], support_y[None], q[None])[0]
+            out = learner.test_logits(s[None], support_y[None], q[None])[0]
             accs[i] = float((out.argmax(-1) == query_y).float().mean())
     return accs
 
@@ -205,7 +206,7 @@ def protocol_of(cfg: Config, *, dataset: str, split: str, n_way: int, k_shot: in
         "dataset": dataset, "protocol": cfg.data.protocol if dataset.startswith("omniglot") else None,
         "split": split, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "seed": seed,
         "learner": cfg.learner.name, "inner_steps": inner_steps, "norm": cfg.model.norm,
-        "norm_mode": norm_mode(cfg.model.norm, has_inner_loop(cfg)),
+        "norm_mode": norm_mode(cfg.model.norm, has_inner_loop(cfg)), "features": cfg.eval.features,
     }
 
 

@@ -28,6 +28,20 @@ def test_train_then_eval_json(trained_run, capsys):
     assert 0.0 <= out["mean"] <= 1.0 and out["ci95"] > 0
 
 
+def test_eval_features_flag_picks_the_embedding_view(trained_run, capsys):
+    """--features l2 scores unit-length embeddings and says so; left out, the run's eval.features (raw)."""
+    base = ["eval", str(trained_run), "--episodes", "30", "--json"]
+    assert main(base) == 0
+    raw = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(base + ["--features", "l2"]) == 0
+    l2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (raw["protocol"]["features"], l2["protocol"]["features"]) == ("raw", "l2")
+    assert main(["eval", str(trained_run), "--episodes", "30", "--features", "l2"]) == 0
+    assert "l2 embeddings" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(base + ["--features", "cosine"])
+
+
 def test_eval_is_deterministic(trained_run, capsys):
     args = ["eval", str(trained_run / "checkpoints" / "best.pt"), "--episodes", "25", "--json"]
     main(args)

@@ -405,3 +405,49 @@ def test_a_bf16_run_trains_under_autocast_and_records_it(tmp_path):
     state = checkpoint.load(checkpoint.best_path(tmp_path / "bf16"))
     assert all(v.dtype == torch.float32 for part in ("params", "buffers", "head_params")
                for v in state[part].values() if v.is_floating_point())  # weights and statistics stay fp32
+
+
+def test_l2_features_change_the_test_view_only_and_every_eval_path_agrees(tmp_path):
+    """eval.features=l2: ProtoNet compares unit-length embeddings at test time (the embed-once
+    path, the per-episode path and `predict` alike, each equal to normalising by hand), while
+    training's loss is the raw one; result protocols record the view; inner-loop learners refuse it."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    import metassl.evaluation as ev
+    from metassl.api import evaluate
+    from metassl.meta.metric import embed_episodes
+    from metassl.meta.protonet import prototypes, squared_distances
+    from metassl.registry import build_learner, build_sampler
+
+    run_local(tiny("model.norm=batch", steps=5), tmp_path, log=_quiet)
+    cfg, raw, model, params, buffers, _ = load_trained(tmp_path)
+    l2_cfg = config.with_values(cfg, {"eval.features": "l2"})
+    l2 = build_learner(l2_cfg)
+    assert (raw.eval_features, l2.eval_features) == ("raw", "l2")
+    sampler = build_sampler(cfg, "test", n_way=3, k_shot=2, n_query=5, seed=4)
+    model.eval()
+    for i in range(3):
+        ep = sampler.episode(i)
+        support, query = embed_episodes(model, params, buffers, ep)
+        support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
+        by_hand = -squared_distances(query, prototypes(support, ep.support_y[None]))[0]
+        torch.testing.assert_close(l2.predict(model, params, buffers, ep), by_hand)
+        assert not torch.allclose(raw.predict(model, params, buffers, ep), by_hand)
+        batch = sampler.batch(i, 2)
+        assert raw.meta_step(model, params, buffers, batch).loss == l2.meta_step(model, params, buffers, batch).loss
+    once = ev.embedded_accuracies(l2, model, params, buffers, sampler, 60)
+    per_episode = ev.episode_accuracies(l2, model, params, buffers, sampler, 60)
+    assert np.sum(once != per_episode) <= 1  # float rounding may flip a near tie, nothing more
+    assert (once != ev.embedded_accuracies(raw, model, params, buffers, sampler, 60)).any()
+    kwargs = dict(split="test", episodes=60, seed=4, n_way=3, k_shot=2, n_query=5)
+    res = ev.evaluate_model(l2_cfg, l2, model, params, buffers, **kwargs)
+    assert res.protocol["features"] == "l2" and "l2 embeddings" in res.summary()
+    assert res.mean == pytest.approx(once.mean(), abs=1 / (60 * 15))
+    via_api = evaluate(tmp_path, features="l2", **kwargs)
+    assert via_api.mean == res.mean and via_api.protocol["features"] == "l2"
+    assert evaluate(tmp_path, **kwargs).protocol["features"] == "raw"
+    with pytest.raises(ConfigError, match="features='cosine' is not one of"):
+        evaluate(tmp_path, features="cosine", **kwargs)
+    with pytest.raises(ConfigError, match="eval.features='l2' applies to the embeddings of metric learners"):
+        tiny("learner.name=maml", "eval.features=l2")

@@ -39,6 +39,10 @@ class MatchingNet:
         probs = attention @ one_hot(support_y, attention.dtype)          # [T, Q, N]
         return torch.log(probs.clamp_min(1e-12))
 
+    def test_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """`from_embeddings` at test time: cosine attention is the same on any `eval.features` view."""
+        return self.from_embeddings(support, support_y, query)
+
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query negative log-likelihood over the meta-batch."""
         log_probs = self.log_probs(model, params, buffers, batch)

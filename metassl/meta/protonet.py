@@ -22,9 +22,19 @@ def squared_distances(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor
 
 
 class ProtoNet:
-    """Classify each query by softmax over negative squared distances to class prototypes."""
+    """Classify each query by softmax over negative squared distances to class prototypes.
+
+    `eval_features="l2"` scales every embedding to unit length at test time (prediction and
+    validation; never in training) before prototypes are averaged: with one shot per class the
+    nearest prototype is then the most cosine-similar shot.
+    """
 
     needs_head = False
+
+    def __init__(self, eval_features: str = "raw"):
+        if eval_features not in ("raw", "l2"):
+            raise ValueError(f"eval_features={eval_features!r} is not 'raw' or 'l2'")
+        self.eval_features = eval_features
 
     def logits(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> torch.Tensor:
         """Return `-distance` logits `[T, Q, n_way]` for a batch of episodes."""
@@ -35,6 +45,12 @@ class ProtoNet:
     def from_embeddings(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Logits `[T, Q, n_way]` of embedded queries `[T, Q, D]` given embedded support `[T, S, D]`, labels `[T, S]`."""
         return -squared_distances(query, prototypes(support, support_y))
+
+    def test_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """`from_embeddings` as used at test time, on the `eval_features` view of the embeddings."""
+        if self.eval_features == "l2":
+            support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
+        return self.from_embeddings(support, support_y, query)
 
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query cross-entropy over the meta-batch."""
@@ -47,4 +63,5 @@ class ProtoNet:
                 inner_steps: int | None = None) -> torch.Tensor:
         """Return query logits `[Q, n_way]` for one episode (`inner_steps` is unused)."""
         with torch.no_grad():
-            return self.logits(model, params, buffers, episode)[0]
+            support, query = embed_episodes(model, params, buffers, episode)
+            return self.test_logits(support, batched_labels(episode.support_y), query)[0]
