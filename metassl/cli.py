@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from metassl.config import CHOICES
 from metassl.errors import MetasslError
 
 
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support and queries from disjoint halves of the speakers, drawn per episode "
                         "(default: the run's eval.disjoint_groups)")
     e.add_argument("--split", choices=["train", "val", "test"], help="default: the run's eval.split")
-    e.add_argument("--features", choices=["raw", "l2"],
+    e.add_argument("--features", choices=list(CHOICES["eval.features"]),
                    help="embeddings ProtoNet compares: raw, or l2 (unit length) (default: the run's eval.features)")
     e.add_argument("--n-way", type=_positive)
     e.add_argument("--k-shot", type=_positive)

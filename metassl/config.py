@@ -317,9 +317,9 @@ class EvalConfig:
     # support and queries from disjoint halves of the split's groups, drawn per episode (audio: the
     # speakers of arabic_speech_commands' keywords, or its keywords when the speakers are the classes)
     disjoint_groups: bool = False
-    # the embeddings ProtoNet and Matching Networks compare at test time (validation included):
-    # raw (as in training) or l2 (each embedding scaled to unit length before the prototypes
-    # are averaged and distances taken; Matching Networks' cosine is unchanged by it)
+    # the embeddings ProtoNet compares at test time (validation included): raw (as in training)
+    # or l2 (each embedding scaled to unit length before prototypes are averaged and distances
+    # taken). Other learners: raw only (Matching Networks' cosine attention is already scale-free)
     features: str = "raw"
 
 
@@ -370,7 +370,6 @@ class Config:
         _validate(self)
 
 
-METRIC_LEARNERS = ("protonet", "matchingnet")  # no inner loop: they compare embeddings
 CHOICES = {
     "model.backbone": ("conv4", "mlp", "transformer", "audio"),
     "model.context_net": ("gru", "none"),
@@ -548,10 +547,11 @@ def _validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) is not None and _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
-    if cfg.eval.features != "raw" and cfg.learner.name not in METRIC_LEARNERS:
-        raise ConfigError(f"eval.features={cfg.eval.features!r} applies to the embeddings of metric learners "
-                          f"({', '.join(METRIC_LEARNERS)}); learner.name={cfg.learner.name!r} classifies with "
-                          "adapted weights: leave eval.features 'raw'")
+    if cfg.eval.features != "raw" and cfg.learner.name != "protonet":
+        why = ("its cosine attention is the same on unit-length embeddings" if cfg.learner.name == "matchingnet"
+               else "it classifies with adapted weights, not embedding distances")
+        raise ConfigError(f"eval.features={cfg.eval.features!r} applies to ProtoNet's embeddings; "
+                          f"learner.name={cfg.learner.name!r}: {why}; leave eval.features 'raw'")
     if cfg.tune.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor={cfg.tune.reduction_factor} must be >= 2 (ASHA keeps 1/rf per rung)")
     if cfg.generator.actors < -1:

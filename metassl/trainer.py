@@ -33,6 +33,10 @@ from metassl.registry import (build_backbone, build_learner, build_sampler, has_
 
 # Sections that may change between a run and its resume (length, logging, evaluation, tuning).
 _RESUMABLE_CHANGES = ("train", "eval", "tune")
+# Settings of those sections that define the meta-val score checkpoints are ranked by: a resumed
+# run keeps them, or its best.pt would be chosen among scores measured two ways.
+_VALIDATION_KEYS = ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.seed", "eval.features",
+                    "train.val_episodes")
 # Settings that change how episodes are made, never which: a resumed run may change them.
 # `storage` only says where the run directory lives.
 _RESUMABLE_KEYS = ("generator.actors", "generator.max_in_flight", "generator.episodes_per_task",
@@ -61,9 +65,15 @@ def check_resumable(cfg: Config, run_dir: Path, saved: dict | None = None) -> No
                for k in new[s] if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in _RESUMABLE_KEYS]
     changed += [s for s in new if not isinstance(new[s], dict) and saved.get(s) != new[s]
                 and s not in _RESUMABLE_KEYS]
+    changed += [key for key in _VALIDATION_KEYS if _get_dotted(saved, key) != _get_dotted(new, key)]
     if changed:
         raise ConfigError(f"run directory {str(run_dir)!r} holds a run with a different config "
                           f"({', '.join(changed)} differ); use another --run-dir to start a new run")
+
+
+def _get_dotted(values: dict, key: str):
+    section, name = key.split(".")
+    return values.get(section, {}).get(name)
 
 
 def _nested_diff(old, new) -> str:

@@ -36,6 +36,15 @@ def test_eval_features_flag_picks_the_embedding_view(trained_run, capsys):
     assert main(base + ["--features", "l2"]) == 0
     l2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (raw["protocol"]["features"], l2["protocol"]["features"]) == ("raw", "l2")
+    from metassl.config import with_values
+    from metassl.evaluation import evaluate_model
+    from metassl.registry import build_learner
+    from metassl.trainer import load_trained
+    cfg, learner, model, params, buffers, _ = load_trained(trained_run)
+    l2_cfg = with_values(cfg, {"eval.features": "l2"})
+    for out, c in ((raw, cfg), (l2, l2_cfg)):  # scored on that view, not only labelled with it
+        kwargs = dict(split="test", episodes=30, seed=cfg.eval.seed)
+        assert out["mean"] == evaluate_model(c, build_learner(c), model, params, buffers, **kwargs).mean
     assert main(["eval", str(trained_run), "--episodes", "30", "--features", "l2"]) == 0
     assert "l2 embeddings" in capsys.readouterr().out
     with pytest.raises(SystemExit):

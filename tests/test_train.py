@@ -433,21 +433,51 @@ def test_l2_features_change_the_test_view_only_and_every_eval_path_agrees(tmp_pa
         support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
         by_hand = -squared_distances(query, prototypes(support, ep.support_y[None]))[0]
         torch.testing.assert_close(l2.predict(model, params, buffers, ep), by_hand)
-        assert not torch.allclose(raw.predict(model, params, buffers, ep), by_hand)
         batch = sampler.batch(i, 2)
         assert raw.meta_step(model, params, buffers, batch).loss == l2.meta_step(model, params, buffers, batch).loss
     once = ev.embedded_accuracies(l2, model, params, buffers, sampler, 60)
     per_episode = ev.episode_accuracies(l2, model, params, buffers, sampler, 60)
     assert np.sum(once != per_episode) <= 1  # float rounding may flip a near tie, nothing more
-    assert (once != ev.embedded_accuracies(raw, model, params, buffers, sampler, 60)).any()
+    raw_once = ev.embedded_accuracies(raw, model, params, buffers, sampler, 60)
+    assert (once != raw_once).any()  # the view changes some episodes' predictions
     kwargs = dict(split="test", episodes=60, seed=4, n_way=3, k_shot=2, n_query=5)
     res = ev.evaluate_model(l2_cfg, l2, model, params, buffers, **kwargs)
     assert res.protocol["features"] == "l2" and "l2 embeddings" in res.summary()
     assert res.mean == pytest.approx(once.mean(), abs=1 / (60 * 15))
     via_api = evaluate(tmp_path, features="l2", **kwargs)
     assert via_api.mean == res.mean and via_api.protocol["features"] == "l2"
-    assert evaluate(tmp_path, **kwargs).protocol["features"] == "raw"
+    as_run = evaluate(tmp_path, **kwargs)
+    assert as_run.protocol["features"] == "raw" and as_run.mean == pytest.approx(raw_once.mean(), abs=1 / (60 * 15))
     with pytest.raises(ConfigError, match="features='cosine' is not one of"):
         evaluate(tmp_path, features="cosine", **kwargs)
-    with pytest.raises(ConfigError, match="eval.features='l2' applies to the embeddings of metric learners"):
-        tiny("learner.name=maml", "eval.features=l2")
+    for other in ("maml", "reptile", "matchingnet"):
+        with pytest.raises(ConfigError, match=f"eval.features='l2' applies to ProtoNet's embeddings; learner.name='{other}'"):
+            tiny(f"learner.name={other}", "eval.features=l2")
+
+
+def test_a_run_trained_with_l2_features_validates_and_predicts_on_them_and_resumes_only_so(tmp_path):
+    """A run whose config says eval.features=l2 validates, evaluates and predicts (the API) on
+    unit-length embeddings; resuming it with another view, or another validation shape, is refused."""
+    import torch.nn.functional as F
+
+    import metassl
+    from metassl.meta.metric import embed_episodes
+    from metassl.meta.protonet import prototypes, squared_distances
+    from metassl.registry import build_sampler
+
+    run_local(tiny("eval.features=l2", steps=5), tmp_path, log=_quiet)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["test"]["protocol"]["features"] == "l2"
+    trained = metassl.load(tmp_path)
+    assert trained.learner.eval_features == "l2"
+    cfg = trained.config
+    ep = build_sampler(cfg, "test", n_way=3, k_shot=2, n_query=4, seed=1).episode(0)
+    support, query = embed_episodes(trained.model, trained.params, trained.buffers, ep)
+    by_hand = -squared_distances(F.normalize(query, dim=-1), prototypes(F.normalize(support, dim=-1), ep.support_y[None]))[0]
+    torch.testing.assert_close(trained.adapt(ep.support_x, ep.support_y)(ep.query_x), by_hand)
+    before = (tmp_path / "config.yaml").read_text()
+    for change in ("eval.features=raw", "eval.seed=3", "train.val_episodes=11"):
+        with pytest.raises(ConfigError, match=change.split("=")[0]):
+            run_local(tiny("eval.features=l2", change, steps=8), tmp_path, log=_quiet)
+    assert (tmp_path / "config.yaml").read_text() == before
+    run_local(tiny("eval.features=l2", "eval.episodes=21", steps=8), tmp_path, log=_quiet)  # the test episodes may change

@@ -40,7 +40,7 @@ class MatchingNet:
         return torch.log(probs.clamp_min(1e-12))
 
     def test_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """`from_embeddings` at test time: cosine attention is the same on any `eval.features` view."""
+        """`from_embeddings` at test time (cosine attention is scale-free: `eval.features` stays raw)."""
         return self.from_embeddings(support, support_y, query)
 
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
