@@ -307,14 +307,16 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
              n_way: int | None = None, k_shot: int | None = None, n_query: int | None = None,
              episodes: int | None = None, seed: int | None = None, inner_steps: int | None = None,
              dataset: str | None = None, protocol: str | None = None, class_split: str | None = None,
-             disjoint_groups: bool | None = None, features: str | None = None) -> EvalResult:
+             disjoint_groups: bool | None = None, features: str | None = None,
+             shifts: int | None = None) -> EvalResult:
     """Evaluate on fixed-seed held-out episodes, as `metassl eval`; unset options take the run's `eval` config.
 
     `dataset` is a spec like `--data` (`omniglot:PATH`, `imagefolder:PATH`, ...); `protocol`
     (omniglot) is `supervised`, `unsupervised` or `psco`; `class_split` replaces `data.class_split`
     (arabic_speech_commands: `speakers` makes few-shot speaker identification of the same model);
     `disjoint_groups` replaces `eval.disjoint_groups` (support and queries from disjoint speakers);
-    `features` replaces `eval.features` (`raw` or `l2`: the embeddings a metric learner compares).
+    `features` replaces `eval.features` (`raw` or `l2`: the embeddings ProtoNet compares) and
+    `shifts` `eval.shifts` (ProtoNet on images: embeddings averaged over shifts of up to that many pixels).
     """
     for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query), ("episodes", episodes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -339,9 +341,13 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, protocol=protocol))
     if class_split:
         cfg = with_values(cfg, {"data.class_split": class_split})  # validated as any config change
-    if features:
-        cfg = with_values(cfg, {"eval.features": features})  # refused for learners with an inner loop
-        learner = build_learner(cfg)  # metric learners hold no weights: the same learner, another view
+    if features is not None or shifts is not None:
+        if shifts is not None and (not isinstance(shifts, int) or isinstance(shifts, bool)):
+            raise ConfigError(f"shifts={shifts!r} must be an integer >= 0")
+        views = {"eval.features": features or cfg.eval.features,
+                 "eval.shifts": cfg.eval.shifts if shifts is None else shifts}
+        cfg = with_values(cfg, views)  # validated: ProtoNet only, images only, 0 <= shifts <= 8
+        learner = build_learner(cfg)  # ProtoNet holds no weights: the same learner, another view
     return evaluate_model(
         cfg, learner, model, params, buffers, split=split or cfg.eval.split,
         episodes=episodes or cfg.eval.episodes, seed=cfg.eval.seed if seed is None else seed,

@@ -82,7 +82,7 @@ def _eval(args) -> int:
     res = evaluate(args.checkpoint, split=args.split, n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query,
                    episodes=args.episodes, seed=args.seed, inner_steps=args.inner_steps, dataset=args.data,
                    protocol=args.protocol, class_split=args.class_split, disjoint_groups=args.disjoint_groups,
-                   features=args.features)
+                   features=args.features, shifts=args.shifts)
     print(json.dumps(res.to_dict()) if args.json else res.summary())
     return 0
 
@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["train", "val", "test"], help="default: the run's eval.split")
     e.add_argument("--features", choices=list(CHOICES["eval.features"]),
                    help="embeddings ProtoNet compares: raw, or l2 (unit length) (default: the run's eval.features)")
+    e.add_argument("--shifts", type=int, metavar="R",
+                   help="ProtoNet on images: average each image's embeddings over its shifts by up to R "
+                        "pixels, (2R+1)^2 views (default: the run's eval.shifts)")
     e.add_argument("--n-way", type=_positive)
     e.add_argument("--k-shot", type=_positive)
     e.add_argument("--n-query", type=_positive)

@@ -321,6 +321,10 @@ class EvalConfig:
     # or l2 (each embedding scaled to unit length before prototypes are averaged and distances
     # taken). Other learners: raw only (Matching Networks' cosine attention is already scale-free)
     features: str = "raw"
+    # test-time shift averaging (ProtoNet on images): each image is also embedded shifted by up
+    # to this many pixels in x and y ((2r+1)^2 views, edges replicated) and its embeddings (of
+    # the `features` view) averaged; every image on its own, so nothing passes between queries
+    shifts: int = 0
 
 
 @dataclass(frozen=True)
@@ -408,7 +412,7 @@ POSITIVE = [
     "data.sample_rate", "data.clip_seconds", "model.context", "objective.cpc_steps", "model.n_fft", "model.hop",
     "model.mel_bands",
 ]
-NON_NEGATIVE = ["learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
+NON_NEGATIVE = ["eval.shifts", "learner.inner_steps", "learner.eval_inner_steps", "optim.weight_decay", "train.val_every",
                 "train.threads", "train.pretrain_baseline_steps", "train.max_minutes",
                 "generator.refresh_every", "generator.warmup_steps", "generator.refresh_threads", "generator.encoder_momentum", "objective.ssl_weight", "objective.simclr",
                 "objective.rotation", "train.max_failures", "tune.concurrent", "tune.grace_steps",
@@ -463,7 +467,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # Upper bounds that no real run reaches: a value past them is a typo or hostile, and would
 # otherwise hang or exhaust memory instead of failing.
 AT_MOST = {
-    "train.val_episodes": 1_000_000, "eval.episodes": 1_000_000, "train.threads": 1024,
+    "train.val_episodes": 1_000_000, "eval.episodes": 1_000_000, "eval.shifts": 8, "train.threads": 1024,
     "generator.episodes_per_task": 100_000, "generator.max_in_flight": 10_000, "generator.actors": 100_000,
     "generator.clusters": 1_000_000, "generator.partitions": 1_000, "generator.refresh_threads": 1024, "tune.samples": 100_000,
     "tune.workers": 10_000, "tune.concurrent": 100_000, "learner.inner_steps": 10_000,
@@ -552,6 +556,14 @@ def _validate(cfg: Config) -> None:
                else "it classifies with adapted weights, not embedding distances")
         raise ConfigError(f"eval.features={cfg.eval.features!r} applies to ProtoNet's embeddings; "
                           f"learner.name={cfg.learner.name!r}: {why}; leave eval.features 'raw'")
+    if cfg.eval.shifts:
+        problem = ("applies to ProtoNet's embeddings" if cfg.learner.name != "protonet" else
+                   "shifts images" if is_text_config(cfg) or is_audio_config(cfg) or cfg.data.dataset == "sinusoid"
+                   else "embeds each image on its own" if cfg.model.norm == "batch_transductive" else None)
+        if problem:
+            raise ConfigError(f"eval.shifts={cfg.eval.shifts} {problem}; this run has learner.name="
+                              f"{cfg.learner.name!r}, data.dataset={cfg.data.dataset!r}, model.norm={cfg.model.norm!r}: "
+                              "leave eval.shifts 0")
     if cfg.tune.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor={cfg.tune.reduction_factor} must be >= 2 (ASHA keeps 1/rf per rung)")
     if cfg.generator.actors < -1:

@@ -38,6 +38,8 @@ class EvalResult:
             head = f"{p.get('dataset')} {p.get('split')} {p.get('k_shot')}-shot: MSE {self.mean:.4f} +- {self.ci95:.4f}"
         disjoint = f", support and queries from disjoint {p['disjoint_groups']}" if p.get("disjoint_groups") else ""
         features = f", {p['features']} embeddings" if p.get("features", "raw") != "raw" else ""
+        if p.get("shifts"):
+            features += f", averaged over {(2 * p['shifts'] + 1) ** 2} shifts of up to {p['shifts']} px"
         lines = [f"{head} ({self.episodes} episodes, seed {p.get('seed')}, norm {p.get('norm_mode')}{features}{disjoint})"]
         for k, v in self.extra.items():
             lines.append(f"  {k}: {v:.4f} " if isinstance(v, float) else f"  {k}: {v}")
@@ -138,14 +140,14 @@ def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Para
     picks = [sampler.episode_indices(i) for i in range(episodes)]
     rows = np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
     device = next(iter(params.values())).device
-    if chunk is None:  # rows per backbone call: 512 small images, fewer large ones
-        chunk = max(16, min(512, 2**22 // max(1, sampler.split.x[0].numel())))
+    if chunk is None:  # rows per backbone call: 512 small images, fewer large ones (or views of each)
+        chunk = max(1, max(16, min(512, 2**22 // max(1, sampler.split.x[0].numel()))) // learner.test_views)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            z = torch.cat([forward(model, params, buffers, sampler.split.x[torch.from_numpy(rows[i:i + chunk])]
-                                   .to(device)) for i in range(0, len(rows), chunk)])
+            z = torch.cat([learner.test_embed(model, params, buffers, sampler.split.x[torch.from_numpy(rows[i:i + chunk])]
+                                              .to(device)) for i in range(0, len(rows), chunk)])
     finally:
         model.train(was_training)
     support_y = torch.arange(sampler.n_way, device=device).repeat_interleave(sampler.k_shot)
@@ -207,6 +209,7 @@ def protocol_of(cfg: Config, *, dataset: str, split: str, n_way: int, k_shot: in
         "split": split, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "seed": seed,
         "learner": cfg.learner.name, "inner_steps": inner_steps, "norm": cfg.model.norm,
         "norm_mode": norm_mode(cfg.model.norm, has_inner_loop(cfg)), "features": cfg.eval.features,
+        "shifts": cfg.eval.shifts,
     }
 
 

@@ -35,7 +35,7 @@ def build_learner(cfg: Config):
     if lc.name == "reptile":
         return Reptile(lc.inner_lr, lc.inner_steps, eval_inner_steps=lc.eval_inner_steps)
     if lc.name == "protonet":
-        return ProtoNet(eval_features=cfg.eval.features)
+        return ProtoNet(eval_features=cfg.eval.features, eval_shifts=cfg.eval.shifts)
     if lc.name == "matchingnet":
         return MatchingNet(lc.matching_scale)
     raise ConfigError(f"learner.name={lc.name!r} is not one of {list(CHOICES['learner.name'])}")

@@ -35,7 +35,7 @@ from metassl.registry import (build_backbone, build_learner, build_sampler, has_
 _RESUMABLE_CHANGES = ("train", "eval", "tune")
 # Settings of those sections that define the meta-val score checkpoints are ranked by: a resumed
 # run keeps them, or its best.pt would be chosen among scores measured two ways.
-_VALIDATION_KEYS = ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.seed", "eval.features",
+_VALIDATION_KEYS = ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.seed", "eval.features", "eval.shifts",
                     "train.val_episodes")
 # Settings that change how episodes are made, never which: a resumed run may change them.
 # `storage` only says where the run directory lives.

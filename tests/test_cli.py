@@ -49,6 +49,14 @@ def test_eval_features_flag_picks_the_embedding_view(trained_run, capsys):
     assert "l2 embeddings" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(base + ["--features", "cosine"])
+    assert main(base + ["--features", "l2", "--shifts", "1"]) == 0
+    shifted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shifted["protocol"]["shifts"] == 1 and raw["protocol"]["shifts"] == 0
+    shifted_cfg = with_values(cfg, {"eval.features": "l2", "eval.shifts": 1})
+    assert shifted["mean"] == evaluate_model(shifted_cfg, build_learner(shifted_cfg), model, params, buffers,
+                                             split="test", episodes=30, seed=cfg.eval.seed).mean
+    assert main(base + ["--shifts", "-1"]) == 2
+    assert "eval.shifts=-1 must be >= 0" in capsys.readouterr().err
 
 
 def test_eval_is_deterministic(trained_run, capsys):

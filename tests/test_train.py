@@ -476,8 +476,66 @@ def test_a_run_trained_with_l2_features_validates_and_predicts_on_them_and_resum
     by_hand = -squared_distances(F.normalize(query, dim=-1), prototypes(F.normalize(support, dim=-1), ep.support_y[None]))[0]
     torch.testing.assert_close(trained.adapt(ep.support_x, ep.support_y)(ep.query_x), by_hand)
     before = (tmp_path / "config.yaml").read_text()
-    for change in ("eval.features=raw", "eval.seed=3", "train.val_episodes=11"):
+    for change in ("eval.features=raw", "eval.seed=3", "train.val_episodes=11", "eval.shifts=1"):
         with pytest.raises(ConfigError, match=change.split("=")[0]):
             run_local(tiny("eval.features=l2", change, steps=8), tmp_path, log=_quiet)
     assert (tmp_path / "config.yaml").read_text() == before
     run_local(tiny("eval.features=l2", "eval.episodes=21", steps=8), tmp_path, log=_quiet)  # the test episodes may change
+
+
+def test_shift_averaging_embeds_every_shift_of_each_image_on_its_own_and_every_eval_path_agrees(tmp_path):
+    """eval.shifts=r: ProtoNet's test embedding of an image is the mean over its (2r+1)^2 shifts
+    (edges replicated) of the features view; built here by indexing, independently of the padding
+    code; embed-once and per-episode scoring agree; only ProtoNet on images takes it."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    import metassl.evaluation as ev
+    from metassl.api import evaluate
+    from metassl.meta.functional import forward
+    from metassl.registry import build_learner, build_sampler
+
+    run_local(tiny(steps=5), tmp_path, log=_quiet)
+    cfg, raw, model, params, buffers, _ = load_trained(tmp_path)
+    model.eval()
+    x = build_sampler(cfg, "test", n_way=3, k_shot=2, n_query=5, seed=4).split.x[:7]
+    x = x + torch.rand(x.shape, generator=torch.Generator().manual_seed(0))  # edges that differ from their neighbours
+    h, w = x.shape[-2:]
+    for features in ("raw", "l2"):
+        shifted = build_learner(config.with_values(cfg, {"eval.features": features, "eval.shifts": 1}))
+        assert shifted.test_views == 9
+        views = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                rows = torch.arange(h).add(dy).clamp(0, h - 1)
+                cols = torch.arange(w).add(dx).clamp(0, w - 1)
+                z = forward(model, params, buffers, x[..., rows, :][..., cols])
+                views.append(F.normalize(z, dim=-1) if features == "l2" else z)
+        with torch.no_grad():
+            torch.testing.assert_close(shifted.test_embed(model, params, buffers, x), torch.stack(views).mean(0).detach())
+            plain = raw.test_embed(model, params, buffers, x)
+        torch.testing.assert_close(plain, forward(model, params, buffers, x).detach())
+    l2_cfg = config.with_values(cfg, {"eval.features": "l2", "eval.shifts": 1})
+    shifted = build_learner(l2_cfg)
+    sampler = build_sampler(cfg, "test", n_way=3, k_shot=2, n_query=5, seed=4)
+    once = ev.embedded_accuracies(shifted, model, params, buffers, sampler, 40, chunk=5)
+    per_episode = ev.episode_accuracies(shifted, model, params, buffers, sampler, 40)
+    assert np.sum(once != per_episode) <= 1  # float rounding may flip a near tie, nothing more
+    unshifted = ev.embedded_accuracies(build_learner(config.with_values(cfg, {"eval.features": "l2"})),
+                                       model, params, buffers, sampler, 40)
+    assert (once != unshifted).any()
+    kwargs = dict(split="test", episodes=40, seed=4, n_way=3, k_shot=2, n_query=5)
+    res = evaluate(tmp_path, features="l2", shifts=1, **kwargs)
+    assert res.protocol["shifts"] == 1 and "averaged over 9 shifts of up to 1 px" in res.summary()
+    assert res.mean == pytest.approx(once.mean(), abs=1 / (40 * 15))
+    for bad, match in ((dict(shifts=-1), "eval.shifts=-1"), (dict(shifts=9), "eval.shifts=9"),
+                       (dict(shifts=True), "shifts=True")):
+        with pytest.raises(ConfigError, match=match):
+            evaluate(tmp_path, **bad, **kwargs)
+    for other, match in ((("learner.name=maml",), "applies to ProtoNet's embeddings"),
+                         (("learner.name=matchingnet",), "applies to ProtoNet's embeddings"),
+                         (("model.norm=batch_transductive",), "embeds each image on its own")):
+        with pytest.raises(ConfigError, match=f"eval.shifts=1 {match}"):
+            tiny(*other, "eval.shifts=1")
+    with pytest.raises(ConfigError, match="eval.shifts=2 shifts images"):
+        config.load("experiments/clinc150_supervised.yaml", ["eval.shifts=2"])

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metassl.data.episodes import Episode
-from metassl.meta.functional import MetaOutput, Params
+from metassl.meta.functional import MetaOutput, Params, forward, full_precision
 from metassl.meta.metric import batched_labels, embed_episodes, metric_metrics, one_hot
 
 
@@ -38,6 +38,12 @@ class MatchingNet:
         attention = cosine_attention(query, support, self.scale)        # [T, Q, S]
         probs = attention @ one_hot(support_y, attention.dtype)          # [T, Q, N]
         return torch.log(probs.clamp_min(1e-12))
+
+    test_views = 1  # backbone passes per item at test time
+
+    def test_embed(self, model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings `[B, D]` of items `x` at test time: the backbone's."""
+        return full_precision(forward(model, params, buffers, x))
 
     def test_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """`from_embeddings` at test time (cosine attention is scale-free: `eval.features` stays raw)."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metassl.data.episodes import Episode
-from metassl.meta.functional import MetaOutput, Params
+from metassl.meta.functional import MetaOutput, Params, forward, full_precision
 from metassl.meta.metric import batched_labels, embed_episodes, metric_metrics, one_hot
 
 
@@ -31,10 +31,35 @@ class ProtoNet:
 
     needs_head = False
 
-    def __init__(self, eval_features: str = "raw"):
+    def __init__(self, eval_features: str = "raw", eval_shifts: int = 0):
         if eval_features not in ("raw", "l2"):
             raise ValueError(f"eval_features={eval_features!r} is not 'raw' or 'l2'")
-        self.eval_features = eval_features
+        if eval_shifts < 0:
+            raise ValueError(f"eval_shifts={eval_shifts} must be >= 0")
+        self.eval_features, self.eval_shifts = eval_features, eval_shifts
+
+    @property
+    def test_views(self) -> int:
+        """Backbone passes per item at test time: one, or one per shift of `eval_shifts`."""
+        return (2 * self.eval_shifts + 1) ** 2
+
+    def _view(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=-1) if self.eval_features == "l2" else z
+
+    def test_embed(self, model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings `[B, D]` of items `x` `[B, ...]` as compared at test time.
+
+        With `eval_shifts` r, each image `[C, H, W]` is embedded at every shift by -r..r pixels
+        in x and y (edges replicated), and the `eval_features` views of those embeddings are averaged.
+        """
+        if not self.eval_shifts:
+            return full_precision(forward(model, params, buffers, x))
+        r, (h, w) = self.eval_shifts, x.shape[-2:]
+        padded = F.pad(x, (r, r, r, r), mode="replicate")
+        views = torch.cat([padded[..., r + dy:r + dy + h, r + dx:r + dx + w]
+                           for dy in range(-r, r + 1) for dx in range(-r, r + 1)])
+        z = self._view(full_precision(forward(model, params, buffers, views)))
+        return z.reshape(self.test_views, len(x), -1).mean(0)
 
     def logits(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> torch.Tensor:
         """Return `-distance` logits `[T, Q, n_way]` for a batch of episodes."""
@@ -48,9 +73,7 @@ class ProtoNet:
 
     def test_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """`from_embeddings` as used at test time, on the `eval_features` view of the embeddings."""
-        if self.eval_features == "l2":
-            support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
-        return self.from_embeddings(support, support_y, query)
+        return self.from_embeddings(self._view(support), support_y, self._view(query))
 
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query cross-entropy over the meta-batch."""
@@ -63,5 +86,10 @@ class ProtoNet:
                 inner_steps: int | None = None) -> torch.Tensor:
         """Return query logits `[Q, n_way]` for one episode (`inner_steps` is unused)."""
         with torch.no_grad():
-            support, query = embed_episodes(model, params, buffers, episode)
+            if self.eval_shifts:  # one episode: its support, then its queries, each image on its own
+                n = len(episode.support_x)
+                z = self.test_embed(model, params, buffers, torch.cat([episode.support_x, episode.query_x]))
+                support, query = z[None, :n], z[None, n:]
+            else:
+                support, query = embed_episodes(model, params, buffers, episode)
             return self.test_logits(support, batched_labels(episode.support_y), query)[0]
