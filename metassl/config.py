@@ -323,7 +323,8 @@ class EvalConfig:
     features: str = "raw"
     # test-time shift averaging (ProtoNet on images): each image is also embedded shifted by up
     # to this many pixels in x and y ((2r+1)^2 views, edges replicated) and its embeddings (of
-    # the `features` view) averaged; every image on its own, so nothing passes between queries
+    # the `features` view) averaged; every image on its own, so nothing passes between queries.
+    # Validation ranks checkpoints without the shifts (the `features` view alone)
     shifts: int = 0
 
 

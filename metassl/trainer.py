@@ -35,7 +35,7 @@ from metassl.registry import (build_backbone, build_learner, build_sampler, has_
 _RESUMABLE_CHANGES = ("train", "eval", "tune")
 # Settings of those sections that define the meta-val score checkpoints are ranked by: a resumed
 # run keeps them, or its best.pt would be chosen among scores measured two ways.
-_VALIDATION_KEYS = ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.seed", "eval.features", "eval.shifts",
+_VALIDATION_KEYS = ("eval.n_way", "eval.k_shot", "eval.n_query", "eval.seed", "eval.features",
                     "train.val_episodes")
 # Settings that change how episodes are made, never which: a resumed run may change them.
 # `storage` only says where the run directory lives.
@@ -420,9 +420,15 @@ def train_loop(cfg: Config, run_dir: str | Path, ctx, log=print, final_eval: boo
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
+    # Validation ranks checkpoints on the eval.features view without test-time shifts, which
+    # multiply the backbone passes ((2R+1)^2 per image) of every validation; the final
+    # evaluation and `metassl eval` use them.
+    val_cfg = with_values(cfg, {"eval.shifts": 0}) if cfg.eval.shifts else cfg
+    val_learner = build_learner(val_cfg) if cfg.eval.shifts else learner
+
     def validate(step: int) -> float:
-        res = evaluate_model(cfg, learner, model, params, buffers, split="val", episodes=cfg.train.val_episodes,
-                             seed=cfg.eval.seed, baseline=False, sampler=val_tasks)
+        res = evaluate_model(val_cfg, val_learner, model, params, buffers, split="val",
+                             episodes=cfg.train.val_episodes, seed=cfg.eval.seed, baseline=False, sampler=val_tasks)
         writer.add_scalar("val/acc" if higher_is_better else "val/mse", res.mean, step)
         writer.add_scalar("val/ci95", res.ci95, step)
         scale, unit = (100, "%") if higher_is_better else (1, "")

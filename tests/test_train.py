@@ -476,11 +476,24 @@ def test_a_run_trained_with_l2_features_validates_and_predicts_on_them_and_resum
     by_hand = -squared_distances(F.normalize(query, dim=-1), prototypes(F.normalize(support, dim=-1), ep.support_y[None]))[0]
     torch.testing.assert_close(trained.adapt(ep.support_x, ep.support_y)(ep.query_x), by_hand)
     before = (tmp_path / "config.yaml").read_text()
-    for change in ("eval.features=raw", "eval.seed=3", "train.val_episodes=11", "eval.shifts=1"):
+    for change in ("eval.features=raw", "eval.seed=3", "train.val_episodes=11"):
         with pytest.raises(ConfigError, match=change.split("=")[0]):
             run_local(tiny("eval.features=l2", change, steps=8), tmp_path, log=_quiet)
     assert (tmp_path / "config.yaml").read_text() == before
-    run_local(tiny("eval.features=l2", "eval.episodes=21", steps=8), tmp_path, log=_quiet)  # the test episodes may change
+    # the test episodes and the test-time shifts may change: validation uses neither
+    run_local(tiny("eval.features=l2", "eval.episodes=21", "eval.shifts=1", steps=8), tmp_path, log=_quiet)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["test"]["protocol"]["shifts"] == 1 and result["test"]["episodes"] == 21
+
+
+def test_validation_ranks_checkpoints_without_the_test_time_shifts(tmp_path):
+    """eval.shifts leaves validation (and so best.pt) as without it: the same meta-val history;
+    only the final evaluation averages over shifts."""
+    plain = run_local(tiny("eval.features=l2", steps=6), tmp_path / "plain", log=_quiet)
+    shifted = run_local(tiny("eval.features=l2", "eval.shifts=1", steps=6), tmp_path / "shifted", log=_quiet)
+    assert shifted["val_history"] == plain["val_history"] and len(plain["val_history"]) >= 2
+    assert shifted["best_step"] == plain["best_step"]
+    assert plain["test"]["protocol"]["shifts"] == 0 and shifted["test"]["protocol"]["shifts"] == 1
 
 
 def test_shift_averaging_embeds_every_shift_of_each_image_on_its_own_and_every_eval_path_agrees(tmp_path):
