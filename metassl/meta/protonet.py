@@ -26,7 +26,8 @@ class ProtoNet:
 
     `eval_features="l2"` scales every embedding to unit length at test time (prediction and
     validation; never in training) before prototypes are averaged: with one shot per class the
-    nearest prototype is then the most cosine-similar shot.
+    nearest prototype is then the most cosine-similar shot. `eval_shifts=R` averages each test
+    image's embeddings over its (2R+1)^2 shifts (`test_embed`; final evaluation and prediction).
     """
 
     needs_head = False
