@@ -45,9 +45,8 @@ class MatchingNet:
         """Embeddings `[B, D]` of items `x` at test time: the backbone's."""
         return full_precision(forward(model, params, buffers, x))
 
-    def test_logits(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """`from_embeddings` at test time (cosine attention is scale-free: `eval.features` stays raw)."""
-        return self.from_embeddings(support, support_y, query)
+    # at test time the same scores: cosine attention is scale-free, so `eval.features` stays raw
+    test_logits = from_embeddings
 
     def meta_step(self, model: nn.Module, params: Params, buffers: Params, batch: Episode) -> MetaOutput:
         """Return the mean query negative log-likelihood over the meta-batch."""
