@@ -13,7 +13,10 @@ re-clustered every 200 steps, a validation every 400 steps.
 `--baseline REF` clones this repository at REF into `--out`/baseline-SHA, beside a virtual
 environment that sees this interpreter's packages (torch, Ray, ... the same versions) through a
 `.pth` file and imports `metassl` from the clone; the current tree runs with this interpreter.
-Both sides run the same config file, this tree's `--config` (copied into the runs' folder).
+Both sides run the same config file, `--config` (copied into the runs' folder; give the
+baseline's own copy when this tree's has keys the baseline does not know), with the same
+`--set` overrides; `--this-set` adds overrides for this tree only (an option to measure
+that the baseline lacks).
 Within a round both sides run one after the other, the order alternating between rounds.
 Nothing else should run on the machine meanwhile: both sides use all its cores.
 """
@@ -89,6 +92,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--set", action="append", default=[], help="extra override for both sides (repeatable)")
+    p.add_argument("--this-set", action="append", default=[],
+                   help="extra override for this tree only, e.g. an option the baseline lacks (repeatable)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "pipeline"))
     p.add_argument("--timeout-min", type=float, default=60.0, help="give up on a run after this long")
     args = p.parse_args()
@@ -99,13 +104,14 @@ def main() -> None:
     sides = {"baseline": baseline_checkout(args.baseline, out),  # (interpreter, the checkout it runs in)
              "this tree": (Path(sys.executable), ROOT)}
     sets = SHORT + args.set
+    side_sets = {"baseline": sets, "this tree": sets + args.this_set}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     results: dict[str, list[dict]] = {name: [] for name in sides}
     for r in range(args.rounds):
         for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
             py, cwd = sides[name]
             tag = f"{stamp}-{name.replace(' ', '_')}-r{r}"
-            res = run_one(py, cwd, config, out / tag, args.steps, sets, out / f"{tag}.log",
+            res = run_one(py, cwd, config, out / tag, args.steps, side_sets[name], out / f"{tag}.log",
                           60 * args.timeout_min)
             results[name].append(res)
             print(f"round {r}, {name}: {res['steps']} steps in {res['train_minutes']:.2f} min, "
@@ -113,7 +119,7 @@ def main() -> None:
     med = {n: statistics.median(x["steps_per_s"] for x in rs) for n, rs in results.items()}
     print(f"\n## Self-supervised pipeline: {args.config}, {args.steps} steps, one Ray Train worker")
     print(f"- command: `python experiments/bench_ssl_pipeline.py {shlex.join(sys.argv[1:])}` "
-          f"(overrides for both sides: {' '.join(sets)})")
+          f"(overrides for both sides: {' '.join(sets)}; this tree only: {' '.join(args.this_set) or 'none'})")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{datetime.date.today()}; median of {args.rounds} round(s), order alternating")
     print("| side | steps/s (median) | rounds | this tree / side |")
