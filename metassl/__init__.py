@@ -1,6 +1,6 @@
 """metassl: self-supervised meta-learning on Ray.
 
-The Python API lives in `metassl/api.py`: `metassl.train`, `load`, `evaluate`, `export` and
+The Python API lives in `metassl/api.py`: `metassl.train`, `load`, `evaluate`, `evaluate_shapes`, `export` and
 the `Run`, `Learner` and `Predictor` types. They are imported on first use, so
 `import metassl` loads neither torch nor Ray. (The training loop is `metassl.trainer`,
 held-out evaluation `metassl.evaluation`.)
@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = ("train", "load", "evaluate", "export", "Run", "Learner", "Predictor")
+_API = ("train", "load", "evaluate", "evaluate_shapes", "export", "Run", "Learner", "Predictor")
 __all__ = [*_API, "__version__"]
 
 

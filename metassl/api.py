@@ -7,6 +7,7 @@
     logits = predict(query_x)                         # [Q, n_way]
     # a text run's learner takes lists of strings: learner.adapt(["book a flight", ...], labels)
     metassl.evaluate(run, k_shot=5).mean              # as `metassl eval RUN --k-shot 5`
+    metassl.evaluate_shapes(run, [(5, 1, None), (20, 1, 5)])  # as `metassl eval RUN --shapes 5w1s,20w1s5q`
     metassl.export(run, "conv4.safetensors")          # the backbone's weights + config.yaml beside them
 
 `import metassl` stays cheap: these names are imported on first use (metassl/__init__.py).
@@ -29,6 +30,7 @@ from metassl.config import load as load_config
 from metassl.data.episodes import Episode
 from metassl.errors import CheckpointError, ConfigError, DataError, MetasslError
 from metassl.evaluation import EvalResult, evaluate_model
+from metassl.evaluation import evaluate_shapes as evaluate_model_shapes  # the api's name is the public one
 from metassl.registry import build_learner, is_regression
 from metassl.storage import is_uri, join
 from metassl.trainer import load_trained, run_local
@@ -318,9 +320,48 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
     `features` replaces `eval.features` (`raw` or `l2`: the embeddings ProtoNet compares) and
     `shifts` `eval.shifts` (ProtoNet on images: embeddings averaged over shifts of up to that many pixels).
     """
-    for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query), ("episodes", episodes)):
+    _check_shape(n_way, k_shot, n_query)
+    cfg, learner, model, params, buffers, common = _eval_setup(
+        run_or_path, split=split, episodes=episodes, seed=seed, inner_steps=inner_steps, dataset=dataset,
+        protocol=protocol, class_split=class_split, disjoint_groups=disjoint_groups, features=features,
+        shifts=shifts)
+    return evaluate_model(cfg, learner, model, params, buffers, n_way=n_way, k_shot=k_shot, n_query=n_query,
+                          **common)
+
+
+def evaluate_shapes(run_or_path: Run | Learner | str | os.PathLike,
+                    shapes: Sequence[tuple[int | None, int | None, int | None]], **options) -> list[EvalResult]:
+    """`evaluate` at several (n_way, k_shot, n_query) shapes, as `metassl eval --shapes`: one result per shape.
+
+    Each result equals `evaluate(run, n_way=..., k_shot=..., n_query=..., **options)`, but the
+    split is read once and, for ProtoNet and Matching Nets, embedded once for all shapes. A None
+    in a shape takes the run's default. `options` are `evaluate`'s other keywords.
+    """
+    shapes = [tuple(shape) for shape in shapes]
+    if not shapes:
+        raise ConfigError("shapes is empty: give at least one (n_way, k_shot, n_query)")
+    for shape in shapes:
+        if len(shape) != 3:
+            raise ConfigError(f"shape {shape!r} is not (n_way, k_shot, n_query)")
+        _check_shape(*shape)
+    cfg, learner, model, params, buffers, common = _eval_setup(run_or_path, **options)
+    return evaluate_model_shapes(cfg, learner, model, params, buffers, shapes=shapes, **common)
+
+
+def _check_shape(n_way, k_shot, n_query) -> None:
+    for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+
+
+def _eval_setup(run_or_path, *, split: str | None = None, episodes: int | None = None, seed: int | None = None,
+                inner_steps: int | None = None, dataset: str | None = None, protocol: str | None = None,
+                class_split: str | None = None, disjoint_groups: bool | None = None, features: str | None = None,
+                shifts: int | None = None):
+    """What `evaluate` and `evaluate_shapes` share: the model, its config with the options applied,
+    and evaluate_model's keywords other than the shape."""
+    if episodes is not None and (not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1):
+        raise ConfigError(f"episodes={episodes!r} must be an integer >= 1")
     if inner_steps is not None and inner_steps < 0:
         raise ConfigError(f"inner_steps={inner_steps} must be >= 0")
     for name, value, valid in (("split", split, CHOICES["eval.split"]),
@@ -348,12 +389,11 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
                  "eval.shifts": cfg.eval.shifts if shifts is None else shifts}
         cfg = with_values(cfg, views)  # validated: ProtoNet only, images only, 0 <= shifts <= 8
         learner = build_learner(cfg)  # ProtoNet holds no weights: the same learner, another view
-    return evaluate_model(
-        cfg, learner, model, params, buffers, split=split or cfg.eval.split,
-        episodes=episodes or cfg.eval.episodes, seed=cfg.eval.seed if seed is None else seed,
-        n_way=n_way, k_shot=k_shot, n_query=n_query,
-        inner_steps=cfg.eval.inner_steps if inner_steps is None else inner_steps, dataset=dataset, root=root,
-        disjoint_groups=disjoint_groups)
+    common = dict(split=split or cfg.eval.split, episodes=episodes or cfg.eval.episodes,
+                  seed=cfg.eval.seed if seed is None else seed,
+                  inner_steps=cfg.eval.inner_steps if inner_steps is None else inner_steps, dataset=dataset,
+                  root=root, disjoint_groups=disjoint_groups)
+    return cfg, learner, model, params, buffers, common
 
 
 def export(run_or_path: Run | Learner | str | os.PathLike, path: str | os.PathLike) -> Path:

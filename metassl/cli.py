@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from metassl.config import CHOICES
-from metassl.errors import MetasslError
+from metassl.errors import ConfigError, MetasslError
 
 
 def _log(line: str) -> None:
@@ -76,15 +77,38 @@ def _tune(args) -> int:
 
 
 def _eval(args) -> int:
-    from metassl.api import evaluate
+    from metassl.api import evaluate, evaluate_shapes
 
     # Options left unset take the run's `eval` config, so `metassl eval RUN` repeats result.json.
-    res = evaluate(args.checkpoint, split=args.split, n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query,
-                   episodes=args.episodes, seed=args.seed, inner_steps=args.inner_steps, dataset=args.data,
-                   protocol=args.protocol, class_split=args.class_split, disjoint_groups=args.disjoint_groups,
-                   features=args.features, shifts=args.shifts)
+    options = dict(split=args.split, episodes=args.episodes, seed=args.seed, inner_steps=args.inner_steps,
+                   dataset=args.data, protocol=args.protocol, class_split=args.class_split,
+                   disjoint_groups=args.disjoint_groups, features=args.features, shifts=args.shifts)
+    if args.shapes is not None:
+        if (args.n_way, args.k_shot) != (None, None):
+            raise ConfigError("--shapes gives each shape's n_way and k_shot; drop --n-way and --k-shot")
+        shapes = [(n, k, q or args.n_query) for n, k, q in args.shapes]
+        results = evaluate_shapes(args.checkpoint, shapes, **options)
+        print(json.dumps([r.to_dict() for r in results]) if args.json else "\n".join(r.summary() for r in results))
+        return 0
+    res = evaluate(args.checkpoint, n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, **options)
     print(json.dumps(res.to_dict()) if args.json else res.summary())
     return 0
+
+
+_SHAPE = re.compile(r"(\d+)w(\d+)s(?:(\d+)q)?")
+
+
+def _shapes(text: str) -> list[tuple[int, int, int | None]]:
+    """`5w1s,20w1s5q` -> [(5, 1, None), (20, 1, 5)] (n_way, k_shot, n_query; None: --n-query or the run's)."""
+    shapes = []
+    for part in text.split(","):
+        m = _SHAPE.fullmatch(part.strip())
+        if m is None or min(int(g) for g in m.groups() if g is not None) < 1:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a shape like 5w1s or 20w1s5q "
+                                             "(N-way, K-shot, optional Q queries per class, each >= 1)")
+        n, k, q = m.groups()
+        shapes.append((int(n), int(k), int(q) if q else None))
+    return shapes
 
 
 def _generate(args) -> int:
@@ -216,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shifts", type=int, metavar="R",
                    help="ProtoNet on images: average each image's embeddings over its shifts by up to R "
                         "pixels, (2R+1)^2 views (default: the run's eval.shifts)")
+    e.add_argument("--shapes", type=_shapes, metavar="5w1s,20w1s5q,...",
+                   help="several episode shapes in one call (N-way K-shot, optional Q queries per class), "
+                        "each printed on its own line; the split is read and embedded once for all of them")
     e.add_argument("--n-way", type=_positive)
     e.add_argument("--k-shot", type=_positive)
     e.add_argument("--n-query", type=_positive)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metassl.config import Config
-from metassl.errors import DataError
+from metassl.errors import ConfigError, DataError
 from metassl.meta.functional import Params, adapt, detached, forward, split_inner_lr
 from metassl.models import norm_mode
 
@@ -130,33 +130,55 @@ def embeds_once(cfg: Config, learner, sampler) -> bool:
             and not is_transductive(cfg.model.norm))
 
 
-def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Params, sampler,
-                        episodes: int, chunk: int | None = None) -> np.ndarray:
-    """`episode_accuracies` for a metric learner, embedding each row the episodes use once.
-
-    The same episodes and the same scores as one backbone pass per episode (up to float
-    rounding, which depends on the batch a row is embedded in).
-    """
-    picks = [sampler.episode_indices(i) for i in range(episodes)]
-    rows = np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
+def embed_rows(learner, model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, rows: np.ndarray,
+               chunk: int | None = None) -> torch.Tensor:
+    """The test-time embeddings (`learner.test_embed`, eval mode, no grad) of `x[rows]`, in that order."""
     device = next(iter(params.values())).device
     if chunk is None:  # rows per backbone call: 512 small images, fewer large ones (or views of each)
-        chunk = max(1, max(16, min(512, 2**22 // max(1, sampler.split.x[0].numel()))) // learner.test_views)
+        chunk = max(1, max(16, min(512, 2**22 // max(1, x[0].numel()))) // learner.test_views)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            z = torch.cat([learner.test_embed(model, params, buffers, sampler.split.x[torch.from_numpy(rows[i:i + chunk])]
-                                              .to(device)) for i in range(0, len(rows), chunk)])
+            return torch.cat([learner.test_embed(model, params, buffers, x[torch.from_numpy(rows[i:i + chunk])]
+                                                 .to(device)) for i in range(0, len(rows), chunk)])
     finally:
         model.train(was_training)
+
+
+def rows_used(sampler, episodes: int) -> np.ndarray:
+    """The sorted distinct rows of `sampler.split` that its first `episodes` episodes draw."""
+    picks = [sampler.episode_indices(i) for i in range(episodes)]
+    return np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
+
+
+def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Params, sampler,
+                        episodes: int, chunk: int | None = None,
+                        embedded: tuple[np.ndarray, torch.Tensor] | None = None) -> np.ndarray:
+    """`episode_accuracies` for a metric learner, embedding each row the episodes use once.
+
+    The same episodes and the same scores as one backbone pass per episode (up to float
+    rounding, which depends on the batch a row is embedded in). `embedded` = (sorted rows,
+    their embeddings), covering every row these episodes use, skips the embedding: several
+    episode shapes of one split then share one pass (`evaluate_shapes`).
+    """
+    picks = [sampler.episode_indices(i) for i in range(episodes)]
+    if embedded is None:
+        rows = np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
+        z = embed_rows(learner, model, params, buffers, sampler.split.x, rows, chunk)
+    else:
+        rows, z = embedded
+    device = z.device
     support_y = torch.arange(sampler.n_way, device=device).repeat_interleave(sampler.k_shot)
     query_y = torch.arange(sampler.n_way, device=device).repeat_interleave(sampler.n_query)
     accs = np.empty(episodes)
     with torch.no_grad():
         for i, (_, support, query) in enumerate(picks):
-            s = z[torch.from_numpy(np.searchsorted(rows, support))]
-            q = z[torch.from_numpy(np.searchsorted(rows, query))]
+            where_s, where_q = np.searchsorted(rows, support), np.searchsorted(rows, query)
+            if embedded is not None and not (np.array_equal(rows[np.minimum(where_s, len(rows) - 1)], support)
+                                             and np.array_equal(rows[np.minimum(where_q, len(rows) - 1)], query)):
+                raise ValueError(f"episode {i} draws rows that `embedded` does not cover")
+            s, q = z[torch.from_numpy(where_s)], z[torch.from_numpy(where_q)]
             out = learner.test_logits(s[None], support_y[None], q[None])[0]
             accs[i] = float((out.argmax(-1) == query_y).float().mean())
     return accs
@@ -223,13 +245,15 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
                    split: str, episodes: int, seed: int, n_way: int | None = None,
                    k_shot: int | None = None, n_query: int | None = None, inner_steps: int | None = None,
                    dataset: str | None = None, root: str | None = None, baseline: bool = True,
-                   sampler=None, disjoint_groups: bool | None = None) -> EvalResult:
+                   sampler=None, disjoint_groups: bool | None = None,
+                   embedded: tuple[np.ndarray, torch.Tensor] | None = None) -> EvalResult:
     """Evaluate a model on `episodes` fixed-seed episodes of `split` and return mean +- 95% CI.
 
     Classification: query accuracy. Sinusoid: query MSE after `inner_steps` (default
     10) and after 1 step, beside the pretrained-on-all-tasks baseline when `baseline`.
     Pass `sampler` to reuse an episode source built with the same settings. `disjoint_groups`
     (default `eval.disjoint_groups`) draws support and queries from disjoint groups (speakers).
+    `embedded` (see `embedded_accuracies`) is used where episodes are scored from embeddings.
     """
     from metassl.registry import build_backbone, build_sampler, is_regression
 
@@ -248,7 +272,7 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
                             f"with episodes.n_way={n_way}")
         steps = inner_steps if inner_steps is not None else getattr(learner, "eval_inner_steps", None)
         if embeds_once(cfg, learner, sampler):
-            accs = embedded_accuracies(learner, model, params, buffers, sampler, episodes)
+            accs = embedded_accuracies(learner, model, params, buffers, sampler, episodes, embedded=embedded)
         else:
             accs = episode_accuracies(learner, model, params, buffers, sampler, episodes, steps)
         mean, ci = mean_ci95(accs)
@@ -280,3 +304,41 @@ def evaluate_model(cfg: Config, learner, model: nn.Module, params: Params, buffe
     protocol = protocol_of(cfg, dataset=dataset, split=split, n_way=1, k_shot=k_shot, n_query=n_query,
                            seed=seed, inner_steps=steps)
     return EvalResult("mse", mean, ci, episodes, protocol, extra)
+
+
+def evaluate_shapes(cfg: Config, learner, model: nn.Module, params: Params, buffers: Params, *,
+                    shapes: list[tuple[int, int, int | None]], split: str, episodes: int, seed: int,
+                    inner_steps: int | None = None, dataset: str | None = None, root: str | None = None,
+                    disjoint_groups: bool | None = None) -> list[EvalResult]:
+    """`evaluate_model` for several (n_way, k_shot, n_query) shapes of one split, in that order.
+
+    Each result is the one `evaluate_model` gives for that shape alone (the same episodes),
+    but the split is read once and, where episodes are scored from embeddings (`embeds_once`),
+    every row any shape draws is embedded once: four shapes cost about one backbone pass over
+    the split instead of four (which matters with test-time shift averaging). A None in a
+    shape takes the run's default (`eval_shape`), as in `evaluate_model`.
+    """
+    from metassl.data.episodes import EpisodeSampler
+    from metassl.registry import build_sampler
+
+    if not shapes:
+        raise ConfigError("shapes is empty: give at least one (n_way, k_shot, n_query)")
+    default_way, default_shot, default_query = eval_shape(cfg)
+    disjoint_groups = cfg.eval.disjoint_groups if disjoint_groups is None else disjoint_groups
+    samplers = []
+    for n_way, k_shot, n_query in shapes:
+        n_way, k_shot, n_query = n_way or default_way, k_shot or default_shot, n_query or default_query
+        if samplers and type(samplers[0]) is EpisodeSampler:  # the split already read, another shape
+            samplers.append(EpisodeSampler(samplers[0].split, n_way, k_shot, n_query, seed=seed,
+                                           disjoint_groups=disjoint_groups))
+        else:
+            samplers.append(build_sampler(cfg, split, n_way=n_way, k_shot=k_shot, n_query=n_query, seed=seed,
+                                          dataset=dataset, root=root, disjoint_groups=disjoint_groups))
+    embedded = None
+    if all(embeds_once(cfg, learner, s) for s in samplers) and all(s.split is samplers[0].split for s in samplers):
+        rows = np.unique(np.concatenate([rows_used(s, episodes) for s in samplers]))
+        embedded = rows, embed_rows(learner, model, params, buffers, samplers[0].split.x, rows)
+    return [evaluate_model(cfg, learner, model, params, buffers, split=split, episodes=episodes, seed=seed,
+                           n_way=s.n_way, k_shot=s.k_shot, n_query=s.n_query, inner_steps=inner_steps,
+                           dataset=dataset, root=root, sampler=s, disjoint_groups=disjoint_groups,
+                           embedded=embedded) for s in samplers]

@@ -110,6 +110,19 @@ def test_evaluate_is_metassl_eval(run, capsys):
     assert metassl.evaluate(run.load(), **options).to_dict() == cli
 
 
+def test_evaluate_shapes_is_metassl_eval_shapes(run, capsys):
+    cli = _cli_json(capsys, run.run_dir, "--episodes", 7, "--shapes", "3w2s4q,3w1s", "--seed", 3)
+    got = metassl.evaluate_shapes(run, [(3, 2, 4), (3, 1, None)], episodes=7, seed=3)
+    assert [r.to_dict() for r in got] == cli
+    assert got[0].to_dict() == metassl.evaluate(run, n_way=3, k_shot=2, n_query=4, episodes=7, seed=3).to_dict()
+    for shapes, message in (([], "shapes is empty"), ([(3, 2)], "is not (n_way, k_shot, n_query)"),
+                            ([(3, 0, 4)], "k_shot=0 must be an integer >= 1")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            metassl.evaluate_shapes(run, shapes, episodes=7)
+    with pytest.raises(TypeError):
+        metassl.evaluate_shapes(run, [(3, 2, 4)], n_way=3)  # the shape carries n_way
+
+
 def test_export_loads_into_a_freshly_built_backbone_with_identical_outputs(run, tmp_path):
     path = run.export(tmp_path / "out" / "weights.pt")
     state = torch.load(path, weights_only=True)

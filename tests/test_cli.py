@@ -59,6 +59,66 @@ def test_eval_features_flag_picks_the_embedding_view(trained_run, capsys):
     assert "eval.shifts=-1 must be >= 0" in capsys.readouterr().err
 
 
+def test_eval_shapes_give_each_shape_alone_from_one_embedding(trained_run, capsys, monkeypatch):
+    """--shapes: one result per shape, each the single-shape `metassl eval` figure, from one embedding pass."""
+    import metassl.evaluation as ev
+    base = ["eval", str(trained_run), "--episodes", "30", "--json"]
+    alone = []
+    for extra in (["--n-way", "2", "--k-shot", "1"], ["--n-way", "3", "--k-shot", "5", "--n-query", "5"],
+                  ["--n-way", "3", "--k-shot", "2", "--n-query", "4"]):
+        assert main(base + extra) == 0
+        alone.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    calls = []
+    real = ev.embed_rows
+    monkeypatch.setattr(ev, "embed_rows", lambda *a, **k: calls.append(len(a[5])) or real(*a, **k))
+    assert main(base + ["--shapes", "2w1s,3w5s5q,3w2s", "--n-query", "4"]) == 0
+    together = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(calls) == 1  # one backbone pass over the rows every shape draws
+    assert [(r["protocol"]["n_way"], r["protocol"]["k_shot"], r["protocol"]["n_query"]) for r in together] == \
+        [(2, 1, 4), (3, 5, 5), (3, 2, 4)]  # --n-query fills the shapes that give none
+    alone[0] = None  # the first alone ran at the run's n_query; the same shape with 4 queries:
+    assert main(base + ["--n-way", "2", "--k-shot", "1", "--n-query", "4"]) == 0
+    alone[0] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for a, t in zip(alone, together):
+        assert t["protocol"] == a["protocol"] and t["episodes"] == a["episodes"] == 30
+        assert t["mean"] == pytest.approx(a["mean"], abs=1e-12) and t["ci95"] == pytest.approx(a["ci95"], abs=1e-12)
+    assert main(["eval", str(trained_run), "--episodes", "30", "--shapes", "2w1s,3w1s"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "2-way 1-shot" in lines[-2] and "3-way 1-shot" in lines[-1]
+
+
+@pytest.mark.parametrize("shapes", ["5-way", "2w0s", "2w1s,,3w1s"])
+def test_eval_shapes_that_do_not_parse_are_refused(trained_run, capsys, shapes):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(trained_run), "--episodes", "5", "--shapes", shapes])
+    assert exit_.value.code == 2 and "is not a shape like 5w1s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shapes", "2w1s", "--k-shot", "5"], "drop --n-way and --k-shot"),
+    (["--shapes", "2w1s,9w1s"], "n_way=9"),
+])
+def test_eval_shapes_errors(trained_run, capsys, args, message):
+    assert main(["eval", str(trained_run), "--episodes", "5", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_embedded_scores_refuse_rows_they_do_not_cover(trained_run):
+    import numpy as np
+
+    import metassl.evaluation as ev
+    from metassl.registry import build_sampler
+    from metassl.trainer import load_trained
+    cfg, learner, model, params, buffers, _ = load_trained(trained_run)
+    sampler = build_sampler(cfg, "test", n_way=2, k_shot=1, n_query=3, seed=0)
+    rows = ev.rows_used(sampler, 10)
+    z = ev.embed_rows(learner, model, params, buffers, sampler.split.x, rows)
+    full = ev.embedded_accuracies(learner, model, params, buffers, sampler, 10, embedded=(rows, z))
+    assert np.array_equal(full, ev.embedded_accuracies(learner, model, params, buffers, sampler, 10))
+    with pytest.raises(ValueError, match="does not cover"):
+        ev.embedded_accuracies(learner, model, params, buffers, sampler, 10, embedded=(rows[1:], z[1:]))
+
+
 def test_eval_is_deterministic(trained_run, capsys):
     args = ["eval", str(trained_run / "checkpoints" / "best.pt"), "--episodes", "25", "--json"]
     main(args)

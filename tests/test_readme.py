@@ -151,6 +151,7 @@ COMMANDS = {
         ("run", ["--out", "{tmp}/episodes", "--episodes", "4", "--episodes-per-shard", "2",
                  "--set", "data.root=null", "--set", "generator.actors=0"]),
     "metassl eval runs/omniglot_protonet --n-way 20 --k-shot 5 --json": ("run", ["--episodes", "2"]),
+    "metassl eval runs/omniglot_protonet --shapes 5w1s,5w5s,20w1s5q,20w5s5q --episodes 1000": ("run", ["--episodes", "2"]),
     "metassl fit-generative experiments/omniglot_lasium_protonet.yaml --run-dir runs/omniglot_vae":
         ("run", ["--backend", "local", "--set", "generator.generative.steps=2", "--set", "generator.generative.hidden=8",
                  "--set", "train.threads=1"]),  # on Ray: tests/test_generative.py
@@ -274,7 +275,11 @@ def test_readme_command_runs_at_a_small_size(command, short_tmp_path, monkeypatc
     code = main(args)
     out, err = capsys.readouterr()
     assert code == 0, err
-    if args[0] == "eval":
+    if args[0] == "eval" and "--shapes" in args:  # one line per shape, in order
+        lines = out.strip().splitlines()[-4:]
+        assert [line.split(": accuracy")[0].split()[-2:] for line in lines] == \
+            [["5-way", "1-shot"], ["5-way", "5-shot"], ["20-way", "1-shot"], ["20-way", "5-shot"]], out
+    elif args[0] == "eval":
         assert json.loads(out.strip().splitlines()[-1])["protocol"]["n_way"] == 20
     if args[0] == "train":
         assert json.loads((short_tmp_path / "run" / "result.json").read_text())["steps"] == 2
