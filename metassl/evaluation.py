@@ -325,9 +325,10 @@ def evaluate_shapes(cfg: Config, learner, model: nn.Module, params: Params, buff
         raise ConfigError("shapes is empty: give at least one (n_way, k_shot, n_query)")
     default_way, default_shot, default_query = eval_shape(cfg)
     disjoint_groups = cfg.eval.disjoint_groups if disjoint_groups is None else disjoint_groups
-    samplers = []
+    samplers, resolved = [], []
     for n_way, k_shot, n_query in shapes:
         n_way, k_shot, n_query = n_way or default_way, k_shot or default_shot, n_query or default_query
+        resolved.append((n_way, k_shot, n_query))
         if samplers and type(samplers[0]) is EpisodeSampler:  # the split already read, another shape
             samplers.append(EpisodeSampler(samplers[0].split, n_way, k_shot, n_query, seed=seed,
                                            disjoint_groups=disjoint_groups))
@@ -339,6 +340,6 @@ def evaluate_shapes(cfg: Config, learner, model: nn.Module, params: Params, buff
         rows = np.unique(np.concatenate([rows_used(s, episodes) for s in samplers]))
         embedded = rows, embed_rows(learner, model, params, buffers, samplers[0].split.x, rows)
     return [evaluate_model(cfg, learner, model, params, buffers, split=split, episodes=episodes, seed=seed,
-                           n_way=s.n_way, k_shot=s.k_shot, n_query=s.n_query, inner_steps=inner_steps,
+                           n_way=n_way, k_shot=k_shot, n_query=n_query, inner_steps=inner_steps,
                            dataset=dataset, root=root, sampler=s, disjoint_groups=disjoint_groups,
-                           embedded=embedded) for s in samplers]
+                           embedded=embedded) for s, (n_way, k_shot, n_query) in zip(samplers, resolved)]

@@ -222,6 +222,8 @@ def test_sinusoid_regression_adapts_like_metassl_eval(tmp_path, capsys):
         assert out.shape == (100, 1)
         errors.append(float(torch.nn.functional.mse_loss(out, ep.query_y)))
     assert mean_ci95(errors)[0] == pytest.approx(run.test.mean, rel=1e-6)
+    shapes = metassl.evaluate_shapes(run, [(None, 10, None), (None, 5, None)], episodes=4)  # no n_way here
+    assert [r.to_dict() for r in shapes] == [metassl.evaluate(run, k_shot=k, episodes=4).to_dict() for k in (10, 5)]
     with pytest.raises(DataError, match=r"float targets \[10, 1\]"):
         learner.adapt(ep.support_x, ep.support_y.long())
 
