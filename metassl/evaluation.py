@@ -336,7 +336,7 @@ def evaluate_shapes(cfg: Config, learner, model: nn.Module, params: Params, buff
             samplers.append(build_sampler(cfg, split, n_way=n_way, k_shot=k_shot, n_query=n_query, seed=seed,
                                           dataset=dataset, root=root, disjoint_groups=disjoint_groups))
     embedded = None
-    if all(embeds_once(cfg, learner, s) for s in samplers) and all(s.split is samplers[0].split for s in samplers):
+    if all(embeds_once(cfg, learner, s) for s in samplers):  # EpisodeSamplers, all over samplers[0].split
         rows = np.unique(np.concatenate([rows_used(s, episodes) for s in samplers]))
         embedded = rows, embed_rows(learner, model, params, buffers, samplers[0].split.x, rows)
     return [evaluate_model(cfg, learner, model, params, buffers, split=split, episodes=episodes, seed=seed,
