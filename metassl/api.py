@@ -320,7 +320,7 @@ def evaluate(run_or_path: Run | Learner | str | os.PathLike, *, split: str | Non
     `features` replaces `eval.features` (`raw` or `l2`: the embeddings ProtoNet compares) and
     `shifts` `eval.shifts` (ProtoNet on images: embeddings averaged over shifts of up to that many pixels).
     """
-    _check_shape(n_way, k_shot, n_query)
+    _check_positive(n_way=n_way, k_shot=k_shot, n_query=n_query)
     cfg, learner, model, params, buffers, common = _eval_setup(
         run_or_path, split=split, episodes=episodes, seed=seed, inner_steps=inner_steps, dataset=dataset,
         protocol=protocol, class_split=class_split, disjoint_groups=disjoint_groups, features=features,
@@ -343,13 +343,13 @@ def evaluate_shapes(run_or_path: Run | Learner | str | os.PathLike,
     for shape in shapes:
         if len(shape) != 3:
             raise ConfigError(f"shape {shape!r} is not (n_way, k_shot, n_query)")
-        _check_shape(*shape)
+        _check_positive(**dict(zip(("n_way", "k_shot", "n_query"), shape)))
     cfg, learner, model, params, buffers, common = _eval_setup(run_or_path, **options)
     return evaluate_model_shapes(cfg, learner, model, params, buffers, shapes=shapes, **common)
 
 
-def _check_shape(n_way, k_shot, n_query) -> None:
-    for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
+def _check_positive(**values) -> None:
+    for name, value in values.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{name}={value!r} must be an integer >= 1")
 
@@ -360,8 +360,7 @@ def _eval_setup(run_or_path, *, split: str | None = None, episodes: int | None =
                 shifts: int | None = None):
     """What `evaluate` and `evaluate_shapes` share: the model, its config with the options applied,
     and evaluate_model's keywords other than the shape."""
-    if episodes is not None and (not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1):
-        raise ConfigError(f"episodes={episodes!r} must be an integer >= 1")
+    _check_positive(episodes=episodes)
     if inner_steps is not None and inner_steps < 0:
         raise ConfigError(f"inner_steps={inner_steps} must be >= 0")
     for name, value, valid in (("split", split, CHOICES["eval.split"]),

@@ -148,7 +148,10 @@ def embed_rows(learner, model: nn.Module, params: Params, buffers: Params, x: to
 
 def rows_used(sampler, episodes: int) -> np.ndarray:
     """The sorted distinct rows of `sampler.split` that its first `episodes` episodes draw."""
-    picks = [sampler.episode_indices(i) for i in range(episodes)]
+    return _distinct_rows([sampler.episode_indices(i) for i in range(episodes)])
+
+
+def _distinct_rows(picks) -> np.ndarray:
     return np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
 
 
@@ -164,7 +167,7 @@ def embedded_accuracies(learner, model: nn.Module, params: Params, buffers: Para
     """
     picks = [sampler.episode_indices(i) for i in range(episodes)]
     if embedded is None:
-        rows = np.unique(np.concatenate([np.concatenate([s, q]) for _, s, q in picks]))
+        rows = _distinct_rows(picks)
         z = embed_rows(learner, model, params, buffers, sampler.split.x, rows, chunk)
     else:
         rows, z = embedded
